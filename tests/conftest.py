@@ -1,0 +1,32 @@
+"""Test set-up: 4 fake CPU devices (sharding tests) and the repository root on sys.path (configs)."""
+
+import os
+import pathlib
+import sys
+
+# Must happen before JAX is imported anywhere in the test session.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
+
+import pytest  # noqa: E402
+
+from donuseg_jax.data import paths  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def data_root() -> pathlib.Path:
+  """The real datasets (../shared/data). Missing data is a failure, never a silent skip."""
+  root = paths.data_root()
+  if not (root / 'README.md').exists():
+    pytest.fail(f'real datasets not found at {root}; set DONUSEG_DATA_ROOT')
+  return root
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A fresh TFDS directory shared by the tests of one session."""
+  return tmp_path_factory.mktemp('tfds')
