@@ -1,0 +1,1 @@
+"""TFDS builder package for consep (the folder is what TFDS inspects)."""

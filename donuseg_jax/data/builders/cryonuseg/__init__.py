@@ -1,0 +1,1 @@
+"""TFDS builder package for cryonuseg (the folder is what TFDS inspects)."""

@@ -1,0 +1,1 @@
+"""TFDS builder package for monuseg (the folder is what TFDS inspects)."""

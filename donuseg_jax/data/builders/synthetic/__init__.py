@@ -1,0 +1,1 @@
+"""TFDS builder package for synthetic (the folder is what TFDS inspects)."""

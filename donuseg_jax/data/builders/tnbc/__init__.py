@@ -1,0 +1,1 @@
+"""TFDS builder package for tnbc (the folder is what TFDS inspects)."""

@@ -1,0 +1,87 @@
+"""CoNSeP (Graham et al., HoVer-Net, MedIA 2019): 41 H&E tiles, 1000x1000, official 27/14 split.
+
+Accepted layout under `root` (= data_root/'consep'): `CoNSeP/{Train,Test}/Images/<split>_N.png`
+with `CoNSeP/{Train,Test}/Labels/<split>_N.mat`; the `CoNSeP` level may be absent (root itself
+holding Train/ and Test/). Instances come from the `inst_map` field of each .mat file, relabelled
+to 1..K so that gaps in the ids vanish (K = number of distinct nonzero ids). id = file stem
+('train_1', 'test_7'), group = '' (CoNSeP gives no patient).
+"""
+
+
+import numpy as np
+import scipy.io
+
+from donuseg_jax.data import images
+from donuseg_jax.data.readers import common
+
+SUBSETS = ('train', 'test')
+LAYOUT = ('CoNSeP/{Train,Test}/Images/<split>_N.png with '
+          'CoNSeP/{Train,Test}/Labels/<split>_N.mat (inst_map)')
+
+
+def available_subsets(root) -> list[str]:
+  """The official subsets present under `root`, in ('train', 'test') order."""
+  return [s for s in SUBSETS if s in _split_dirs(root)]
+
+
+def list_ids(root, *, subset: str | None = None) -> list[str]:
+  """Sorted ids of one official subset ('train' | 'test'), or of both when subset is None."""
+  return sorted(_index(root, subset))
+
+
+def iter_examples(root, *, subset: str | None = None):
+  """Yields one example per image of `subset` (None = both), in id order."""
+  index = _index(root, subset)
+  for image_id in sorted(index):
+    image_path, label_path = index[image_id]
+    image = images.read_image(image_path)
+    yield common.make_example(image=image, instances=read_inst_map(label_path), image_id=image_id,
+                              group='', source=str(label_path))
+
+
+def read_inst_map(path) -> np.ndarray:
+  """The (H, W) int32 `inst_map` of a CoNSeP .mat file."""
+  try:
+    mat = scipy.io.loadmat(str(path), variable_names=['inst_map'])
+  except Exception as error:  # scipy raises several types for truncated or foreign files
+    raise images.DataError(f'{path}: cannot read .mat file ({type(error).__name__}: {error})') from error
+  if 'inst_map' not in mat:
+    raise images.DataError(f'{path}: no inst_map variable')
+  inst_map = np.asarray(mat['inst_map'])
+  if inst_map.ndim != 2:
+    raise images.DataError(f'{path}: inst_map has shape {inst_map.shape}, expected (H, W)')
+  return np.round(inst_map).astype(np.int32)  # some copies store it as float
+
+
+def _split_dirs(root) -> dict:
+  root = common.require_dir(root, 'CoNSeP', LAYOUT)
+  base = root / 'CoNSeP' if (root / 'CoNSeP').is_dir() else root
+  dirs = {}
+  for subset in SUBSETS:
+    matches = [p for p in base.iterdir() if p.is_dir() and p.name.lower() == subset]
+    if matches:
+      dirs[subset] = matches[0]
+  if not dirs:
+    raise images.DataError(f'CoNSeP: no Train/ or Test/ folder in {base}; expected {LAYOUT}')
+  return dirs
+
+
+def _index(root, subset) -> dict:
+  """id -> (image path, label path) for `subset` (None = every subset found)."""
+  if subset is not None and subset not in SUBSETS:
+    raise ValueError(f'CoNSeP subset must be one of {SUBSETS} or None, got {subset!r}')
+  index = {}
+  for name, folder in _split_dirs(root).items():
+    if subset not in (None, name):
+      continue
+    image_dir, label_dir = folder / 'Images', folder / 'Labels'
+    if not image_dir.is_dir() or not label_dir.is_dir():
+      raise images.DataError(f'CoNSeP: {folder} lacks Images/ or Labels/; expected {LAYOUT}')
+    for image_path in sorted(image_dir.glob('*.png')):
+      label_path = label_dir / f'{image_path.stem}.mat'
+      if not label_path.is_file():
+        raise images.DataError(f'CoNSeP: {image_path} has no label file {label_path}')
+      index[image_path.stem.lower()] = (image_path, label_path)
+  if not index:
+    raise images.DataError(f'CoNSeP: no images found under {root}; expected {LAYOUT}')
+  return index
