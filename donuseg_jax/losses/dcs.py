@@ -1,0 +1,85 @@
+"""Dynamic CAM Selection (paper Eq. 3-5): binarise each block's CAM, score it against M, pick the best.
+
+Per image, each encoder block's CAM is binarised with threshold theta (Eq. 3), its similarity rate
+alpha with the initial label M is measured over M's non-ignored pixels (Eq. 4), and the block with
+the largest alpha becomes the pseudo label P; L_dcs is alpha_P times the BCE over P's non-ignored
+pixels (Eq. 5). P and alpha are targets: both are under stop_gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from donuseg_jax.losses import segmentation
+
+
+def binarize_cam(*, cam: jax.Array, theta: float) -> jax.Array:
+  """Eq. 3: 1 where cam > theta, 0 where cam <= 1 - theta, -1 (ignored) between. Same shape, int8."""
+  cam = jax.lax.stop_gradient(cam)
+  return jnp.where(cam > theta, 1, jnp.where(cam <= 1. - theta, 0, -1)).astype(jnp.int8)
+
+
+def similarity_rate(*, cam_label: jax.Array, label: jax.Array) -> jax.Array:
+  """Eq. 4: agreement of a binarised CAM C with M over M's non-ignored pixels.
+
+  Args:
+    cam_label: (B, H, W) or (B, K, H, W) int8 binarised CAMs (1 / 0 / -1).
+    label: (B, H, W) int8 initial label M (1 / 0 / -1).
+
+  Returns:
+    (B,) or (B, K) float32 alpha in [0, 1]; an ignored C pixel counts as disagreement, and an image
+    whose M has no valid pixel gets 0.
+  """
+  cam_label, label = jnp.asarray(cam_label), jnp.asarray(label)
+  if cam_label.ndim == label.ndim + 1:
+    label = label[:, None]  # (B, 1, H, W): broadcast over blocks
+  agree = ((label == 1) & (cam_label == 1)) | ((label == 0) & (cam_label == 0))
+  valid = label != -1
+  total = jnp.sum(agree, axis=(-2, -1)).astype(jnp.float32)
+  count = jnp.sum(valid, axis=(-2, -1))
+  return jax.lax.stop_gradient(segmentation.safe_mean(total=total, count=count))
+
+
+def dynamic_cam_selection(*, cams: jax.Array, label: jax.Array, theta: float,
+                          fixed_block: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Picks, per image, the binarised CAM most similar to M.
+
+  Args:
+    cams: (B, K, H, W) float CAMs in [0, 1] (K = 4 encoder blocks).
+    label: (B, H, W) int8 initial label M.
+    theta: binarisation threshold (Eq. 3).
+    fixed_block: 0 = dynamic (largest alpha, ties to the lowest index); k in 1..K always takes block k
+      (the paper's Table 3 ablation). alpha is returned for every block either way.
+
+  Returns:
+    pseudo (B, H, W) int8 label P, alpha (B, K) float32, index (B,) int32 (0-based chosen block).
+  """
+  num_blocks = cams.shape[1]
+  if not 0 <= fixed_block <= num_blocks:
+    raise ValueError(f'fixed_block {fixed_block} outside 0..{num_blocks}')
+  binary = binarize_cam(cam=cams, theta=theta)  # (B, K, H, W)
+  alpha = similarity_rate(cam_label=binary, label=label)  # (B, K)
+  if fixed_block:
+    index = jnp.full(cams.shape[:1], fixed_block - 1, jnp.int32)
+  else:
+    index = jnp.argmax(alpha, axis=1).astype(jnp.int32)  # first maximum: lowest index wins ties
+  pseudo = jnp.take_along_axis(binary, index[:, None, None, None], axis=1)[:, 0]  # (B, H, W)
+  return pseudo, alpha, index
+
+
+def dcs_loss(*, logits: jax.Array, pseudo: jax.Array, alpha: jax.Array,
+             balance: str = 'pooled') -> jax.Array:
+  """Eq. 5: per image alpha_P * BCE(Y, P) over P's non-ignored pixels, then the batch mean.
+
+  Args:
+    logits: (B, H, W) segmentation logits.
+    pseudo: (B, H, W) int8 pseudo label P.
+    alpha: (B,) similarity rate of each image's P (stop_gradient applied here).
+    balance: BCE form, as in `segmentation.per_image_bce` (the paper's Eq. 5 is 'pooled').
+
+  Returns:
+    Scalar loss.
+  """
+  logits = jnp.asarray(logits)
+  alpha = jax.lax.stop_gradient(jnp.asarray(alpha, logits.dtype))
+  per_image = segmentation.per_image_bce(logits=logits, label=pseudo, balance=balance)  # (B,)
+  return jnp.mean(alpha * per_image)

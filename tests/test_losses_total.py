@@ -1,0 +1,149 @@
+"""total_loss (Eq. 2) on fake model outputs of the contract shapes: switches, fixed block, warm-up, jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from donuseg_jax import losses
+
+BATCH, SIZE, POINTS = 2, 32, 16  # small: every config below is one more compilation
+TERMS = {'use_det': ('loss/det', 1.), 'use_seg': ('loss/seg', 1.), 'use_loc': ('loss/loc', 1.),
+         'use_dcs': ('loss/dcs', 0.5), 'use_ccl': ('loss/ccl', 2.)}
+
+
+def make_config(**loss_overrides):
+  config = default.get_config('smoke')
+  for name, value in loss_overrides.items():
+    setattr(config.loss, name, value)
+  return config
+
+
+def make_batch(rng, config):
+  points = POINTS
+  label = rng.integers(0, 2, (BATCH, SIZE, SIZE)).astype(np.int8)
+  label[rng.random(label.shape) < 0.4] = -1
+  centres = rng.uniform(0, SIZE, (BATCH, points, 2)).astype(np.float32)
+  sides = rng.uniform(4, 24, (BATCH, points, 1)).astype(np.float32)
+  boxes = np.concatenate([centres - sides / 2, centres + sides / 2], -1).clip(0, SIZE)
+  valid = np.arange(points)[None] < np.array([[12], [5]])
+  return {'image': rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8),
+          'label_m': label, 'points': centres, 'point_valid': valid,
+          'boxes': boxes.astype(np.float32), 'box_valid': valid,
+          'instances': rng.integers(0, 3, (BATCH, SIZE, SIZE)).astype(np.int32)}
+
+
+def make_outputs(rng, config):
+  def normal(*shape):
+    return rng.normal(size=shape).astype(np.float32)
+  cells = [-(-SIZE // s) for s in (4, 8, 16, 32, 64)]  # P6 of a 32 crop: ceil(32 / 64) = 1
+  detection = tuple({'logits': normal(BATCH, c, c),
+                     'ltrb': rng.uniform(1., 30., (BATCH, c, c, 4)).astype(np.float32),
+                     'centerness': normal(BATCH, c, c)} for c in cells)
+  return {'segmentation': normal(BATCH, SIZE, SIZE), 'localization': normal(BATCH, SIZE // 32, SIZE // 32),
+          'detection': detection, 'projection': normal(BATCH, SIZE, SIZE, config.model.projection_dim),
+          'cams': rng.random((BATCH, 4, SIZE, SIZE)).astype(np.float32)}
+
+
+_JITTED = {}  # one compilation per set of loss overrides, shared by the tests
+
+
+def run(outputs, batch, epoch=0., **overrides):
+  key = tuple(sorted(overrides.items()))
+  if key not in _JITTED:
+    config = make_config(**overrides)
+    _JITTED[key] = jax.jit(lambda o, b, e: losses.total_loss(o, b, config=config, epoch=e))
+  loss, aux = _JITTED[key](outputs, batch, epoch)
+  return float(loss), {k: float(v) for k, v in aux.items()}
+
+
+@pytest.fixture(scope='module')
+def inputs():
+  rng = np.random.default_rng(0)
+  config = make_config()
+  return make_outputs(rng, config), make_batch(rng, config)
+
+
+@pytest.fixture(scope='module')
+def full(inputs):
+  return run(*inputs)
+
+
+def test_all_terms_finite_and_summed(full, inputs):
+  loss, aux = full
+  expected = {'loss', 'loss/det', 'loss/det_focal', 'loss/det_iou', 'loss/det_centerness', 'loss/seg',
+              'loss/loc', 'loss/dcs', 'loss/ccl', 'dcs/pseudo_fraction', 'quality/m_accuracy',
+              'quality/p_accuracy', 'quality/has_gt'}
+  expected |= {f'dcs/{name}_block{k}' for name in ('alpha', 'chosen') for k in range(1, 5)}
+  assert set(aux) == expected
+  assert all(np.isfinite(v) for v in aux.values())
+  for name in ('loss/det_focal', 'loss/det_iou', 'loss/det_centerness', 'loss/seg', 'loss/loc',
+               'loss/dcs', 'loss/ccl'):
+    assert aux[name] > 0., name
+  assert aux['loss/det'] == pytest.approx(
+      aux['loss/det_focal'] + aux['loss/det_iou'] + aux['loss/det_centerness'], rel=1e-6)
+  assert loss == pytest.approx(sum(w * aux[name] for name, w in TERMS.values()), rel=1e-6)
+  assert sum(aux[f'dcs/chosen_block{k}'] for k in range(1, 5)) == pytest.approx(1.)
+  assert 0. < aux['dcs/pseudo_fraction'] < 1. and aux['quality/has_gt'] == 1.
+  # Gradients w.r.t. every output are finite.
+  outputs, batch = inputs
+  grads = jax.jit(jax.grad(lambda o: losses.total_loss(o, batch, config=make_config())[0]))(outputs)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+# use_dcs and use_ccl share the CAM selection, so each is switched off alone; the three
+# independent terms are switched off together (one compilation instead of three).
+@pytest.mark.parametrize('switches', [('use_dcs',), ('use_ccl',), ('use_det', 'use_seg', 'use_loc')])
+def test_switches_remove_their_terms(switches, full, inputs):
+  loss, aux = run(*inputs, **{switch: False for switch in switches})
+  removed = [TERMS[switch] for switch in switches]
+  assert all(aux[name] == 0. for name, _ in removed)
+  assert loss == pytest.approx(full[0] - sum(w * full[1][name] for name, w in removed), rel=1e-5)
+  for other, _ in TERMS.values():
+    if other not in [name for name, _ in removed]:
+      assert aux[other] == pytest.approx(full[1][other], rel=1e-5)
+  if 'use_det' in switches:
+    assert aux['loss/det_focal'] == aux['loss/det_iou'] == aux['loss/det_centerness'] == 0.
+
+
+def test_fixed_block_and_missing_cams(inputs):
+  outputs, batch = inputs
+  _, aux = run(outputs, batch, fixed_cam_block=3)
+  assert [aux[f'dcs/chosen_block{k}'] for k in range(1, 5)] == [0., 0., 1., 0.]
+  no_cams = {k: v for k, v in outputs.items() if k != 'cams'}
+  with pytest.raises(KeyError, match='cams'):
+    jax.eval_shape(lambda o, b: losses.total_loss(o, b, config=make_config()), no_cams, batch)
+  _, aux = jax.eval_shape(
+      lambda o, b: losses.total_loss(o, b, config=make_config(use_dcs=False, use_ccl=False)),
+      no_cams, batch)
+  assert 'loss/dcs' in aux and 'dcs/alpha_block1' not in aux
+
+
+def test_warmup_gates_cam_terms_without_retracing(inputs, full):
+  outputs, batch = inputs
+  config = make_config(cam_warmup_epochs=2)
+  traces = []
+
+  def fn(o, b, e):
+    traces.append(1)
+    return losses.total_loss(o, b, config=config, epoch=e)
+
+  jitted = jax.jit(fn)
+  base = full[1]['loss/det'] + full[1]['loss/seg'] + full[1]['loss/loc']
+  for epoch, expected in ((0., base), (1.9, base), (2., full[0]), (3.5, full[0])):
+    loss, aux = jitted(outputs, batch, jnp.float32(epoch))
+    assert float(loss) == pytest.approx(expected, rel=1e-5), epoch
+    assert float(aux['loss/dcs']) > 0.  # still computed and logged during the warm-up
+  assert len(traces) == 1
+
+
+def test_quality_against_ground_truth(inputs):
+  outputs, batch = inputs
+  perfect = dict(batch, instances=(batch['label_m'] == 1).astype(np.int32))
+  _, aux = run(outputs, perfect)
+  assert aux['quality/m_accuracy'] == 1. and aux['quality/has_gt'] == 1.
+  assert 0. < aux['quality/p_accuracy'] < 1.
+  no_gt = dict(batch, instances=np.zeros_like(batch['instances']))
+  _, aux = run(outputs, no_gt)
+  assert aux['quality/has_gt'] == 0. and aux['quality/m_accuracy'] == 0.
