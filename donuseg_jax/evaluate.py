@@ -1,0 +1,189 @@
+"""Evaluation of a trained run on one split: per-image and dataset metrics, as JSON and a table.
+
+  python -m donuseg_jax.evaluate --config=configs/tnbc.py --workdir=runs/tnbc_fold0 --split=test
+  python -m donuseg_jax.evaluate --workdir=runs/tnbc_fold0 --split=val --protocol=patch
+
+The network comes from the run (DIR/config.json and its best, or latest, checkpoint); data and eval
+settings from --config if given (e.g. --config.eval.instance_method=watershed), else from the run.
+Writes DIR/eval_<split>_<protocol>.json.
+
+Protocols: `image` scores stitched whole-image predictions against whole ground-truth maps;
+`patch` cuts both the whole-image prediction and the ground truth into 256 x 256 crops at stride
+128 (data.patches.patch_grid) and scores each crop, as the authors' code did. Mean and std are
+over the scored units (images or crops); `aggregate` applies the formulas to counts summed over all
+units (metrics.aggregate). The library function `evaluate_examples` also serves training's
+validation (`Validator`).
+"""
+
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from donuseg_jax import metrics
+from donuseg_jax.data import patches
+from donuseg_jax.inference import predictor
+
+PATCH_SIZE = 256  # crops of the `patch` protocol (the paper's evaluation patches)
+PATCH_STRIDE = 128
+
+
+def evaluate_examples(examples, *, predict_windows, config: ml_collections.ConfigDict,
+                      protocol: str | None = None, progress: bool = True) -> dict:
+  """Predicts and scores whole-image examples (dicts with 'image', 'instances', 'id').
+
+  protocol: 'image' | 'patch' (None: config.eval.protocol). At most config.eval.max_images
+  examples are used (0 = all). Returns dict(protocol, units, per_image=[{id, n_true, n_pred,
+  seconds, metrics...}], mean={metric: v}, std={metric: v}, aggregate={metric: v}); for 'patch'
+  each per-image entry holds the mean over its crops and 'n_patches'.
+  """
+  protocol = protocol or config.eval.protocol
+  if protocol not in ('image', 'patch'):
+    raise ValueError(f'unknown evaluation protocol {protocol!r}: image | patch')
+  examples = list(examples)
+  if config.eval.max_images:
+    examples = examples[:config.eval.max_images]
+  if not examples:
+    raise ValueError('no examples to evaluate')
+  per_image, unit_metrics, unit_counts = [], [], []
+  for example in tqdm(examples, desc=f'evaluate ({protocol})', disable=not progress,
+                      dynamic_ncols=True):
+    start = time.perf_counter()
+    result = predictor.predict_image(example['image'], predict_windows=predict_windows,
+                                     config=config)
+    true, pred = np.asarray(example['instances']), result['instances']
+    if protocol == 'image':
+      pairs = [(true, pred)]
+    else:
+      grid = patches.patch_grid(*true.shape, size=PATCH_SIZE, stride=PATCH_STRIDE)
+      pairs = [(true[y:y + PATCH_SIZE, x:x + PATCH_SIZE], pred[y:y + PATCH_SIZE, x:x + PATCH_SIZE])
+               for y, x in grid]
+    counts = [metrics.instance_counts(t, p) for t, p in pairs]
+    values = [metrics.metrics_from_counts(c) for c in counts]
+    unit_counts += counts
+    unit_metrics += values
+    entry = {'id': str(example.get('id', len(per_image))),
+             'n_true': int(len(np.unique(true[true > 0]))),
+             'n_pred': int(len(result['instance_scores'])),
+             'seconds': time.perf_counter() - start}
+    entry.update({name: float(np.mean([v[name] for v in values])) for name in metrics.METRIC_NAMES})
+    if protocol == 'patch':
+      entry['n_patches'] = len(pairs)
+    per_image.append(entry)
+  summary = metrics.summarize(unit_metrics)
+  return {'protocol': protocol, 'method': config.eval.instance_method, 'units': len(unit_metrics),
+          'per_image': per_image,
+          'mean': {name: summary[name]['mean'] for name in metrics.METRIC_NAMES},
+          'std': {name: summary[name]['std'] for name in metrics.METRIC_NAMES},
+          'aggregate': {k: float(v) for k, v in metrics.aggregate(unit_counts).items()}}
+
+
+class Validator:
+  """Training's validation: `Validator(examples, graphdef=..., config=...)(params, batch_stats)`.
+
+  Returns `evaluate_examples`'s dict. The forward is jitted once per graphdef; replicated
+  parameters are read from this process's first device, so the windows run on one device.
+  """
+
+  def __init__(self, examples, *, graphdef, config: ml_collections.ConfigDict,
+               protocol: str | None = None):
+    self.examples = list(examples)
+    self.graphdef = graphdef
+    self.config = config
+    self.protocol = protocol
+    self.forward_windows = predictor.make_forward_windows(graphdef)  # compiled at the first call
+
+  def __call__(self, params, batch_stats) -> dict:
+    params, batch_stats = _local_copy(params), _local_copy(batch_stats)
+    predict_windows = predictor.make_predict_windows(self.graphdef, params, batch_stats,
+                                                     forward_windows=self.forward_windows)
+    return evaluate_examples(self.examples, predict_windows=predict_windows, config=self.config,
+                             protocol=self.protocol, progress=False)
+
+
+def _local_copy(tree):
+  """A replicated (possibly multi-device) pytree as single-device arrays, without communication."""
+  def first_shard(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      return x.addressable_data(0)
+    return x
+  return jax.tree.map(first_shard, tree)
+
+
+def format_table(result: dict) -> str:
+  """A plain-text table: one row per statistic, one column per metric."""
+  names = metrics.METRIC_NAMES
+  lines = [f"{'':>10} " + ' '.join(f'{n:>9}' for n in names)]
+  lines.append(f"{'mean':>10} " + ' '.join(f"{result['mean'][n]:9.4f}" for n in names))
+  lines.append(f"{'std':>10} " + ' '.join(f"{result['std'][n]:9.4f}" for n in names))
+  lines.append(f"{'aggregate':>10} " + ' '.join(f"{result['aggregate'][n]:9.4f}" for n in names))
+  return '\n'.join(lines)
+
+
+def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which: str = 'best',
+                     config: ml_collections.ConfigDict | None = None) -> dict:
+  """Loads a run, evaluates one split, writes DIR/eval_<split>_<protocol>.json; returns the dict."""
+  from donuseg_jax import train  # noqa: PLC0415 (imports JAX and the model)
+  from donuseg_jax.data import folds  # noqa: PLC0415
+
+  workdir = pathlib.Path(workdir)
+  run_config, graphdef, params, batch_stats = train.load_trained_model(workdir, which=which)
+  config = run_config if config is None else config
+  for key in ('name', 'fold', 'split_scheme'):
+    if config.data[key] != run_config.data[key]:
+      logging.warning('evaluating data.%s=%r but the run was trained with %r', key,
+                      config.data[key], run_config.data[key])
+  examples = folds.load_fold_examples(config)[split]
+  predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats)
+  result = evaluate_examples(examples, predict_windows=predict_windows, config=config,
+                             protocol=protocol)
+  result.update(split=split, checkpoint=which, dataset=config.data.name, fold=config.data.fold)
+  path = workdir / f"eval_{split}_{result['protocol']}.json"
+  path.write_text(json.dumps(result, indent=2) + '\n')
+  result['path'] = str(path)
+  return result
+
+
+def define_flags() -> dict:
+  """The command's flags; defined only when run as a command, so importing this module (training
+  imports `Validator`) adds nothing to absl's global flags."""
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', None, "Config file for data and eval settings (default: the run's config.json).",
+          lock_config=True),
+      'workdir': flags.DEFINE_string('workdir', None, 'Training work dir (config.json, checkpoints).'),
+      'split': flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Which split to evaluate.'),
+      'protocol': flags.DEFINE_enum('protocol', None, ['image', 'patch'],
+                                    'Evaluation protocol (default: config.eval.protocol).'),
+      'which': flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint to load.'),
+  }
+
+
+def main(argv, *, holders: dict) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not holders['workdir'].value:
+    raise app.UsageError('--workdir is required')
+  result = evaluate_workdir(holders['workdir'].value, split=holders['split'].value,
+                            protocol=holders['protocol'].value, which=holders['which'].value,
+                            config=holders['config'].value)
+  print(f"{result['dataset']} fold {result['fold']}, split {result['split']}, protocol "
+        f"{result['protocol']}, {len(result['per_image'])} images / {result['units']} units, "
+        f"instances by {result['method']}")
+  print(format_table(result))
+  print(f"wrote {result['path']}")
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  app.run(functools.partial(main, holders=define_flags()))

@@ -1,0 +1,158 @@
+"""Sliding-window prediction over whole images of any size: tiling, batching, blending, detections.
+
+Layout along each axis: the image is reflect-padded by a margin of (window - stride) // 2 before it
+and by enough after it that windows at `stride` cover it; an image smaller than a window is padded
+up to one window. The margin keeps every real pixel away from the outer window edges, where the
+network sees little context.
+
+Blending: each window's probabilities are weighted by a separable sin^2 (periodic Hann) window, a
+partition of unity at stride = window / 2, with a small floor so that every pixel has a positive
+weight for any stride; the stitched map is the weighted sum divided by the summed weights, so there
+are no seams and a network whose output does not depend on the window position is reproduced exactly.
+
+Detections: a window keeps only the FCOS locations in its own core (the stride x stride square
+around its centre; border windows also own the padding beyond it), so each image location is decoded
+by exactly one window, the one that sees it with the most context. The global NMS afterwards
+merges the boxes of one nucleus found at neighbouring locations owned by different windows.
+"""
+
+import math
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+from scipy import special
+
+from donuseg_jax.inference import detections as detections_lib
+
+WEIGHT_FLOOR = 1e-3  # smallest blending weight (relative to 1 at the window centre)
+
+
+class AxisLayout(NamedTuple):
+  """Windows along one axis, in padded coordinates (padded = image + before)."""
+  before: int  # reflect padding before the image
+  after: int  # reflect padding after the image
+  starts: np.ndarray  # (n,) int window starts
+  window: int  # window side
+
+  @property
+  def padded(self) -> int:
+    return int(self.starts[-1]) + self.window
+
+
+def axis_layout(length: int, *, window: int, stride: int) -> AxisLayout:
+  """Window starts covering `length` pixels plus the margins, at `stride`."""
+  if length < 1:
+    raise ValueError(f'cannot tile an axis of length {length}')
+  if not 0 < stride <= window:
+    raise ValueError(f'need 0 < stride <= window, got stride {stride}, window {window}')
+  before = (window - stride) // 2
+  needed = max(window, length + 2 * before)
+  count = math.ceil((needed - window) / stride) + 1
+  padded = window + (count - 1) * stride
+  starts = np.arange(count, dtype=np.int64) * stride
+  return AxisLayout(before=before, after=padded - before - length, starts=starts, window=window)
+
+
+def core_owner(position: np.ndarray, layout: AxisLayout, *, stride: int) -> np.ndarray:
+  """Index of the window whose core holds each padded-coordinate position (border cores extend)."""
+  index = np.floor((np.asarray(position) - layout.before) / stride).astype(np.int64)
+  return np.clip(index, 0, len(layout.starts) - 1)
+
+
+def blend_weights(window: int) -> np.ndarray:
+  """(window, window) float32 separable sin^2 weights, floored at WEIGHT_FLOOR."""
+  t = (np.arange(window, dtype=np.float64) + 0.5) / window
+  w = np.maximum(np.sin(np.pi * t) ** 2, WEIGHT_FLOOR)
+  return np.outer(w, w).astype(np.float32)
+
+
+def pad_image(image: np.ndarray, rows: AxisLayout, cols: AxisLayout) -> np.ndarray:
+  """Reflect padding (mirror without repeating the edge pixel; repeats for 1-pixel axes)."""
+  return np.pad(image, ((rows.before, rows.after), (cols.before, cols.after), (0, 0)), mode='reflect')
+
+
+PredictWindows = Callable[[np.ndarray], dict]
+
+
+def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, window: int, stride: int,
+                    batch_size: int, score_threshold: float, max_detections: int,
+                    core_only: bool = True, timer: dict | None = None):
+  """Stitched probability map and image-coordinate detections (before NMS) of one image.
+
+  image: (H, W, 3) uint8. predict_windows: (b, window, window, 3) uint8 -> {'segmentation':
+  (b, window, window) logits, 'detection': tuple of levels}; it always gets exactly `batch_size`
+  windows (the last batch is padded with black windows) so a jitted forward compiles once.
+  Returns (probability (H, W) float32, Detections in image coordinates, unsorted).
+  `timer`, if given, accumulates the seconds spent inside `predict_windows` under 'network'.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an (H, W, 3) image, got shape {image.shape}')
+  height, width = image.shape[:2]
+  rows = axis_layout(height, window=window, stride=stride)
+  cols = axis_layout(width, window=window, stride=stride)
+  padded = pad_image(image, rows, cols)  # (Hp, Wp, 3)
+  origins = np.stack(np.meshgrid(rows.starts, cols.starts, indexing='ij'), -1).reshape(-1, 2)
+  weights = blend_weights(window)  # (win, win)
+  prob_sum = np.zeros(padded.shape[:2], np.float32)  # (Hp, Wp)
+  weight_sum = np.zeros(padded.shape[:2], np.float32)
+  found = []
+
+  def window_batch(k):
+    batch = np.zeros((batch_size, window, window, 3), np.uint8)
+    for n, (r, c) in enumerate(origins[k:k + batch_size]):
+      batch[n] = padded[r:r + window, c:c + window]
+    return batch
+
+  def call(batch):
+    start = time.perf_counter()
+    outputs = predict_windows(batch)
+    if timer is not None:  # force the (possibly asynchronous) device work to finish for timing
+      outputs = {'segmentation': np.asarray(outputs['segmentation']),
+                 'detection': [{k: np.asarray(v) for k, v in level.items()}
+                               for level in outputs['detection']]}
+      timer['network'] = timer.get('network', 0.0) + time.perf_counter() - start
+    return outputs
+
+  starts = list(range(0, len(origins), batch_size))
+  pending = call(window_batch(0))
+  for n, k in enumerate(starts):
+    outputs = pending
+    if n + 1 < len(starts):  # dispatch the next batch before the host works on this one
+      pending = call(window_batch(starts[n + 1]))
+    count = min(batch_size, len(origins) - k)
+    probs = special.expit(np.asarray(outputs['segmentation'], np.float32)[:count])  # (b, win, win)
+    decoded = detections_lib.decode_detections(outputs['detection'], window=window,
+                                               score_threshold=score_threshold,
+                                               max_detections=max_detections)
+    for m in range(count):
+      r, c = origins[k + m]
+      prob_sum[r:r + window, c:c + window] += probs[m] * weights
+      weight_sum[r:r + window, c:c + window] += weights
+      found.append(_to_image(decoded[m], r, c, rows, cols, stride=stride, core_only=core_only,
+                             height=height, width=width))
+  top, left = rows.before, cols.before
+  probability = prob_sum[top:top + height, left:left + width] / weight_sum[top:top + height,
+                                                                           left:left + width]
+  return probability.astype(np.float32), detections_lib.concatenate(found)
+
+
+def _to_image(found: detections_lib.Detections, r: int, c: int, rows: AxisLayout, cols: AxisLayout,
+              *, stride: int, core_only: bool, height: int, width: int) -> detections_lib.Detections:
+  """Window detections -> image coordinates; drops locations outside the image (or the core)."""
+  if not len(found.scores):
+    return found
+  loc_x = found.locations[:, 0] + c  # padded coordinates
+  loc_y = found.locations[:, 1] + r
+  keep = ((loc_x >= cols.before) & (loc_x < cols.before + width)
+          & (loc_y >= rows.before) & (loc_y < rows.before + height))
+  if core_only:
+    keep &= (core_owner(loc_y, rows, stride=stride) == np.searchsorted(rows.starts, r))
+    keep &= (core_owner(loc_x, cols, stride=stride) == np.searchsorted(cols.starts, c))
+  shift = np.array([c - cols.before, r - rows.before], np.float32)
+  boxes = found.boxes[keep] + np.tile(shift, 2)
+  # Boxes may reach into the mirrored margin; clip them to the image's continuous extent.
+  boxes[:, 0::2] = np.clip(boxes[:, 0::2], -0.5, width - 0.5)
+  boxes[:, 1::2] = np.clip(boxes[:, 1::2], -0.5, height - 0.5)
+  return detections_lib.Detections(boxes, found.scores[keep], found.locations[keep] + shift)
