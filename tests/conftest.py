@@ -3,10 +3,15 @@
 import os
 import pathlib
 import sys
+import tempfile
 
 # Must happen before JAX is imported anywhere in the test session.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session and its subprocesses: the smoke train step is
+# compiled by several tests (and by `main` in subprocesses); later compiles become cache reads.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='donuseg_jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:

@@ -1,0 +1,31 @@
+"""The examples of one cross-validation fold of a config: train / val / test lists."""
+
+import ml_collections
+
+from donuseg_jax.data import datasets
+from donuseg_jax.data import splits
+
+
+def load_fold_examples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+  """Reads the dataset of `config.data` and splits it by image id into train, val and test."""
+  data = config.data
+  split = splits.load_split(data.name, data.fold, data_root=data.data_root or None,
+                            scheme=data.split_scheme, synthetic_images=data.synthetic_images)
+  examples = {}
+  for subset in _subsets(data):
+    for example in datasets.load_examples(
+        data.name, data_root=data.data_root or None, tfds_dir=data.tfds_dir or None,
+        subset=subset, synthetic_images=data.synthetic_images, synthetic_size=data.synthetic_size):
+      examples[example['id']] = example
+  missing = sorted({i for ids in split.values() for i in ids} - set(examples))
+  if missing:
+    raise ValueError(f'{data.name}: split ids not found in the data: {missing[:5]} '
+                     f'({len(missing)} in all); regenerate the split files or check the data folder')
+  return {name: [examples[i] for i in ids] for name, ids in split.items()}
+
+
+def _subsets(data) -> tuple:
+  """MoNuSeg's official scheme reads the official test set as well as the training set."""
+  if data.name == 'monuseg' and data.split_scheme == 'official':
+    return ('train', 'test')
+  return (None,)

@@ -1,0 +1,254 @@
+"""Training: a small train state, a pure train step jitted over a ('data',) mesh, and the loop.
+
+The step is compiled once: static things (graph definition, optimiser, config) are bound with
+`functools.partial`, the batch is sharded along the mesh's 'data' axis, the state is replicated and
+donated. The loop is a visible `for step in ...`: it logs, evaluates on the validation fold,
+checkpoints, and stops at once on a non-finite loss. Rerun with the same work dir and it resumes.
+"""
+
+import functools
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from donuseg_jax import checkpoints
+from donuseg_jax import losses
+from donuseg_jax import models
+from donuseg_jax import parallel
+from donuseg_jax import run_log
+from donuseg_jax.data import folds
+from donuseg_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # () int32, optimiser steps taken
+  params: Any  # nnx.State of nnx.Param
+  batch_stats: Any  # nnx.State of nnx.BatchStat (running BatchNorm statistics)
+  opt_state: Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss; the last good checkpoint is left as it was."""
+
+
+def create_learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """SGD learning rate: the paper gives 0.01 and no schedule; ours is a documented choice.
+
+  Default `cosine`: linear warm-up over `warmup_steps`, then cosine decay to 0 at the last step.
+  """
+  optim = config.optim
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  if optim.schedule == 'constant':
+    main = optax.constant_schedule(optim.learning_rate)
+  elif optim.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(optim.learning_rate, max(total_steps - warmup, 1))
+  elif optim.schedule == 'poly':
+    main = optax.polynomial_schedule(optim.learning_rate, 0.0, 0.9, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f'unknown optim.schedule {optim.schedule!r}: constant | cosine | poly')
+  if warmup == 0:
+    return main
+  ramp = optax.linear_schedule(optim.learning_rate / 10, optim.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  """SGD with momentum and PyTorch-style L2 weight decay (added to the gradient before momentum)."""
+  schedule = create_learning_rate(config, total_steps)
+  chain = []
+  if config.optim.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
+  chain += [optax.add_decayed_weights(config.optim.weight_decay),
+            optax.sgd(schedule, momentum=config.optim.momentum)]
+  return optax.chain(*chain), schedule
+
+
+def create_train_state(config: ml_collections.ConfigDict, *, total_steps: int):
+  """Returns (graphdef, state, optimizer, schedule); the model's own factory picks the weights."""
+  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  tx, schedule = create_optimizer(config, total_steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=tx.init(params))
+  return graphdef, state, tx, schedule
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch):
+  """One SGD step on a (sharded) batch. Pure: returns the new state and a flat dict of scalars."""
+  epoch = state.step.astype(jnp.float32) / steps_per_epoch
+  with_cams = bool(config.loss.use_dcs or config.loss.use_ccl)
+
+  def loss_fn(params):
+    outputs, batch_stats = models.forward(graphdef, params, state.batch_stats, batch['image'],
+                                          train=True, with_cams=with_cams)
+    loss, aux = losses.total_loss(outputs, batch, config=config, epoch=epoch)
+    return loss, (aux, batch_stats)
+
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(aux)
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def compile_train_step(mesh, *, graphdef, tx, schedule, config, steps_per_epoch):
+  """The jitted step: batch sharded over 'data', state replicated and donated."""
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
+                           steps_per_epoch=steps_per_epoch)
+  return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains on the train fold, selects on the val fold, reports the test fold. Resumes from workdir."""
+  from donuseg_jax import evaluate  # noqa: PLC0415 (host-side inference and metrics)
+
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.data.batch_size, mesh)
+
+  fold = folds.load_fold_examples(config)
+  batches = pipeline.TrainBatches(pipeline.prepare_images(fold['train'], config=config),
+                                  config=config, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  steps_per_epoch = batches.steps_per_epoch
+  total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+  eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
+
+  graphdef, state, tx, schedule = create_train_state(config, total_steps=total_steps)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  ckpts = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    state, _ = ckpts.restore(_abstract(state), which='latest')
+    logging.info('resumed from step %d in %s', int(state.step), workdir)
+  start = int(state.step)
+  step_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
+                               steps_per_epoch=steps_per_epoch)
+  writer = run_log.MetricsWriter(workdir, enabled=is_main)
+  validator = evaluate.Validator(fold['val'], graphdef=graphdef, config=config)
+
+  stop = _StopRequest()
+  progress = tqdm(total=total_steps, initial=start, desc='train', disable=not is_main,
+                  dynamic_ncols=True)
+  pending = None  # metrics of the step before, checked after the next step is dispatched
+  tick, tick_step = time.perf_counter(), start
+  try:
+    for step in range(start, total_steps):
+      batch = parallel.shard_batch(batches.batch_at(step), mesh)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      evaluate_now = done % eval_every == 0 or done == total_steps
+      if done % config.train.log_every == 0 or evaluate_now or stop.requested:
+        _check_finite(*pending)
+        scalars = jax.device_get(metrics)
+        now = time.perf_counter()
+        scalars['images_per_second'] = (done - tick_step) * config.data.batch_size / (now - tick)
+        tick, tick_step = now, done
+        writer.write(done, scalars)
+        progress.set_postfix(loss=f"{float(scalars['loss']):.4f}",
+                             img_s=f"{scalars['images_per_second']:.2f}")
+      progress.update(1)
+      meta = {'step': done, 'data_seed': config.data.seed, 'steps_per_epoch': steps_per_epoch}
+      if evaluate_now:
+        _check_finite(*pending)
+        val = validator(state.params, state.batch_stats)
+        writer.write(done, {f'val/{k}': v for k, v in val['mean'].items()})
+        ckpts.save_latest(done, state, dict(meta, val=val['mean']))
+        ckpts.save_best(done, state, dict(meta, val=val['mean']), val_aji=val['mean']['aji'])
+      elif done % config.train.checkpoint_every_steps == 0 or stop.requested:
+        _check_finite(*pending)
+        ckpts.save_latest(done, state, meta)
+      if stop.requested:
+        logging.warning('stopping at step %d on %s; rerun to resume', done, stop.requested)
+        break
+  finally:
+    progress.close()
+    ckpts.wait()
+    writer.close()
+    stop.restore()
+  summary = {'steps': int(state.step), 'total_steps': total_steps,
+             'best_step': ckpts.best_step(), 'latest_step': ckpts.latest_step()}
+  ckpts.close()
+  return summary
+
+
+def load_trained_model(workdir: str | pathlib.Path, *, which: str = 'best'):
+  """(config, graphdef, params, batch_stats) of a run's best (or latest) checkpoint."""
+  workdir = pathlib.Path(workdir)
+  config_path = workdir / 'config.json'
+  if not config_path.exists():
+    raise FileNotFoundError(f'{config_path} not found: is {workdir} a training work dir?')
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config.model.pretrained = ''  # the checkpoint holds every weight; no need for the ImageNet file
+  graphdef, state, _, _ = create_train_state(config, total_steps=1)
+  ckpts = checkpoints.RunCheckpoints(workdir, async_save=False)
+  try:
+    if which == 'best' and ckpts.best_step() is None:
+      which = 'latest'  # a run stopped before its first evaluation has no best yet
+    state, _ = ckpts.restore(_abstract(state), which=which)
+  finally:
+    ckpts.close()
+  return config, graphdef, state.params, state.batch_stats
+
+
+def _abstract(state: TrainState):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), state)
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+  loss = float(jax.device_get(metrics['loss']))
+  if np.isfinite(loss):
+    return
+  terms = {k: float(v) for k, v in jax.device_get(metrics).items()
+           if k.startswith('loss') and not np.isfinite(float(v))}
+  raise NonFiniteLossError(
+      f'non-finite loss at step {step}: {terms}; training stopped, the last saved checkpoint is '
+      'intact (rerun resumes from it; consider a lower --config.optim.learning_rate)')
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT ask the loop to save a checkpoint and stop at the end of the current step."""
+
+  def __init__(self):
+    self.requested = ''
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

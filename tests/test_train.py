@@ -1,0 +1,139 @@
+"""Training loop: sharded step == single-device step, resume, kill mid-save, no retrace, best ckpt."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from donuseg_jax import parallel
+from donuseg_jax import run_log
+from donuseg_jax import train
+from donuseg_jax.data import folds
+from donuseg_jax.data import pipeline
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _smoke_config(**train_overrides):
+  config = demo.get_config('smoke')
+  config.unlock()
+  for key, value in train_overrides.items():
+    setattr(config.train, key, value)
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope='module')
+def smoke_batch():
+  config = _smoke_config()
+  prepared = pipeline.prepare_images(folds.load_fold_examples(config)['train'], config=config)
+  batches = pipeline.TrainBatches(prepared, config=config)
+  return config, batches.batch_at(0)
+
+
+def _one_step(config, batch, devices):
+  mesh = parallel.create_mesh(devices)
+  graphdef, state, tx, schedule = train.create_train_state(config, total_steps=10)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step_fn = train.compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule,
+                                     config=config, steps_per_epoch=5)
+  state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device_step(smoke_batch):
+  config, batch = smoke_batch
+  assert len(jax.devices()) == 4, 'tests/conftest.py sets 4 fake CPU devices'
+  single_state, single_metrics = _one_step(config, batch, jax.devices()[:1])
+  sharded_state, sharded_metrics = _one_step(config, batch, jax.devices())
+  np.testing.assert_allclose(sharded_metrics['loss'], single_metrics['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single_state), jax.tree.leaves(sharded_state), strict=True):
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                               rtol=2e-4, atol=2e-6)
+  # The step moved the parameters (the comparison above is not between two untouched states).
+  _, initial, _, _ = train.create_train_state(config, total_steps=10)
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+           for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(single_state.params))]
+  assert max(moved) > 0
+
+
+def test_step_is_traced_once(smoke_batch):
+  config, batch = smoke_batch
+  mesh = parallel.create_mesh()
+  graphdef, state, tx, schedule = train.create_train_state(config, total_steps=10)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step_fn = train.compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule,
+                                     config=config, steps_per_epoch=2)
+  for _ in range(4):  # crosses an epoch boundary: the epoch is traced data, not a constant
+    state, _ = step_fn(state, parallel.shard_batch(batch, mesh))
+  assert step_fn._cache_size() == 1
+  assert int(state.step) == 4
+
+
+def test_train_resume_and_best_checkpoint(tmp_path):
+  workdir = tmp_path / 'run'
+  first = train.train_and_evaluate(_smoke_config(max_steps=2), workdir)
+  assert first['steps'] == 2 and first['latest_step'] == 2
+  second = train.train_and_evaluate(_smoke_config(max_steps=4), workdir)
+  assert second['steps'] == 4
+  records = run_log.read_metrics(workdir)
+  steps = [r['step'] for r in records if 'loss' in r]
+  assert steps == [1, 2, 3, 4], steps  # the second run started at step 3: nothing repeated
+  vals = {r['step']: r['val/aji'] for r in records if 'val/aji' in r}
+  best = max(vals, key=lambda s: (vals[s], -s))
+  assert second['best_step'] == best
+  config, _, params, batch_stats = train.load_trained_model(workdir, which='best')
+  assert config.data.name == 'synthetic' and jax.tree.leaves(params)
+  assert json.loads((workdir / 'config.json').read_text())['train']['max_steps'] == 4
+
+
+_KILL_DURING_SAVE = textwrap.dedent('''
+    import os, signal, sys
+    from donuseg_jax import checkpoints
+    original = checkpoints.RunCheckpoints.save_latest
+    def save_then_die(self, step, state, meta):
+      original(self, step, state, meta)  # the asynchronous save has started, not finished
+      if step == int(os.environ['KILL_AT_STEP']):
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoints.RunCheckpoints.save_latest = save_then_die
+    from absl import app
+    from donuseg_jax import main
+    sys.argv = ['main'] + sys.argv[1:]
+    app.run(main.main)
+''')
+
+
+def _run_main(workdir, *extra, env_extra=None):
+  env = dict(os.environ, **(env_extra or {}))
+  env['PYTHONPATH'] = str(REPO_ROOT)
+  return subprocess.run(
+      [sys.executable, '-c', _KILL_DURING_SAVE, '--config=configs/demo.py:smoke',
+       f'--workdir={workdir}', '--config.train.max_steps=6', '--config.train.eval_every_epochs=100',
+       '--skip_report', *extra],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
+  workdir = tmp_path / 'killed'
+  killed = _run_main(workdir, env_extra={'KILL_AT_STEP': '4'})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  latest = workdir / 'checkpoints' / 'latest'
+  complete_before = sorted(p.name for p in latest.iterdir() if p.name.isdigit())
+  assert '2' in complete_before
+  resumed = _run_main(workdir, env_extra={'KILL_AT_STEP': '-1'})
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  records = run_log.read_metrics(workdir)
+  steps = [r['step'] for r in records if 'loss' in r]
+  # Steps 1-4 were logged before the kill; the resumed run restarted after the last complete
+  # checkpoint: 2, or 4 if that asynchronous save happened to finish before the kill.
+  assert steps[:4] == [1, 2, 3, 4]
+  assert steps[4:] in ([3, 4, 5, 6], [5, 6]), steps
+  final = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+  assert final[-1] == 6
