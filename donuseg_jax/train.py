@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(aux)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, metrics
