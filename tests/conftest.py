@@ -6,7 +6,9 @@ import sys
 import tempfile
 
 # Must happen before JAX is imported anywhere in the test session.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# The suite is dominated by XLA compiles of small models: skip the backend's optimisation passes.
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the session and its subprocesses: the smoke train step is
 # compiled by several tests (and by `main` in subprocesses); later compiles become cache reads.
