@@ -26,9 +26,8 @@ def main(argv):
   del argv
   parallel.maybe_initialize_distributed()  # before any other JAX call
   from donuseg_jax import train  # noqa: PLC0415 (imports JAX)
-  logging.set_verbosity(logging.INFO)
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info('training done: %s', summary)
+  print(f'training done: {summary}', flush=True)
   if summary['steps'] < summary['total_steps']:
     logging.warning('training stopped early at step %d of %d: no final report (rerun to resume)',
                     summary['steps'], summary['total_steps'])
