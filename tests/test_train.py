@@ -139,3 +139,29 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
   assert steps[4:] in ([3, 4, 5, 6], [5, 6]), steps
   final = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
   assert final[-1] == 6
+
+
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  config = _smoke_config(max_steps=4, checkpoint_every_steps=2, eval_every_epochs=100)
+  steps_per_epoch = pipeline.TrainBatches(
+      pipeline.prepare_images(folds.load_fold_examples(config)['train'], config=config),
+      config=config).steps_per_epoch
+  original = train.losses.total_loss
+
+  def poisoned(outputs, batch, *, config, epoch=0.):
+    loss, aux = original(outputs, batch, config=config, epoch=epoch)
+    # NaN from the third step on (epoch = step / steps_per_epoch is traced data).
+    poison = jax.numpy.where(epoch * steps_per_epoch >= 1.5, jax.numpy.nan, 0.0)
+    return loss + poison, dict(aux, **{'loss/seg': aux['loss/seg'] + poison})
+
+  monkeypatch.setattr(train.losses, 'total_loss', poisoned)
+  workdir = tmp_path / 'nan'
+  with pytest.raises(train.NonFiniteLossError, match=r'step 3\b.*loss/seg'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(train.losses, 'total_loss', original)
+  # The checkpoint of step 2 is intact and finite; nothing was saved after the bad step.
+  latest = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'latest').iterdir()
+                  if p.name.isdigit())
+  assert latest == [2]
+  _, _, params, _ = train.load_trained_model(workdir, which='latest')
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
