@@ -153,9 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                   dynamic_ncols=True)
   pending = None  # metrics of the step before, checked after the next step is dispatched
   tick, tick_step = time.perf_counter(), start
+  host_batches = batches.iterate(start)  # built on a host thread, ahead of the device
   try:
     for step in range(start, total_steps):
-      batch = parallel.shard_batch(batches.batch_at(step), mesh)
+      batch = parallel.shard_batch(next(host_batches), mesh)
       state, metrics = step_fn(state, batch)
       if pending is not None:
         _check_finite(*pending)
@@ -186,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         logging.warning('stopping at step %d on %s; rerun to resume', done, stop.requested)
         break
   finally:
+    host_batches.close()
     progress.close()
     ckpts.wait()
     writer.close()

@@ -1,0 +1,82 @@
+"""Choose the instance assembly (boxes | watershed) and the detection threshold on the VALIDATION fold.
+
+Runs the network once per window (outputs are memoised), then evaluates every combination of
+`--methods` and `--thresholds` with the same probabilities and detections, and writes
+DIR/select_instances_<split>.json with the table and the best combination by mean AJI. The test
+fold is never looked at.
+
+  python experiments/select_instances.py --workdir runs/tnbc_lite_fold0 [--split val]
+"""
+
+import argparse
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from donuseg_jax import evaluate  # noqa: E402
+from donuseg_jax import train  # noqa: E402
+from donuseg_jax.data import folds  # noqa: E402
+from donuseg_jax.inference import predictor  # noqa: E402
+
+
+def memoised(predict_windows):
+  """predict_windows whose outputs are kept on the host, keyed by the window batch's bytes."""
+  cache = {}
+
+  def cached(images):
+    key = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()
+    if key not in cache:
+      outputs = predict_windows(images)
+      cache[key] = {'segmentation': np.asarray(outputs['segmentation']),
+                    'detection': [{k: np.asarray(v) for k, v in level.items()}
+                                  for level in outputs['detection']]}
+    return cache[key]
+  return cached
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--split', default='val', choices=['val'])  # selection never sees test
+  parser.add_argument('--methods', default='boxes,watershed')
+  parser.add_argument('--thresholds', default='0.5,0.3,0.2,0.1,0.05')
+  args = parser.parse_args()
+  workdir = pathlib.Path(args.workdir)
+  config, graphdef, params, batch_stats = train.load_trained_model(workdir, which='best')
+  examples = folds.load_fold_examples(config)[args.split]
+  predict_windows = memoised(predictor.make_predict_windows(graphdef, params, batch_stats))
+  rows = []
+  for threshold in sorted({float(t) for t in args.thresholds.split(',')}, reverse=True):
+    for method in args.methods.split(','):
+      config.eval.score_threshold = threshold
+      config.eval.instance_method = method
+      start = time.perf_counter()
+      result = evaluate.evaluate_examples(examples, predict_windows=predict_windows, config=config,
+                                          protocol='image', progress=False)
+      rows.append({'method': method, 'score_threshold': threshold, 'mean': result['mean'],
+                   'aggregate': result['aggregate'], 'seconds': time.perf_counter() - start})
+      print(f"{method:9s} threshold {threshold:4.2f}  " +
+            '  '.join(f"{k} {v:.4f}" for k, v in result['mean'].items()), flush=True)
+  best = max(rows, key=lambda r: r['mean']['aji'])
+  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  record = {'workdir': str(workdir), 'split': args.split, 'images': len(examples),
+            'command': ' '.join(sys.argv), 'commit': commit, 'rows': rows,
+            'best': {'method': best['method'], 'score_threshold': best['score_threshold'],
+                     'aji': best['mean']['aji']}}
+  path = workdir / f'select_instances_{args.split}.json'
+  path.write_text(json.dumps(record, indent=2) + '\n')
+  print(f"best by validation AJI: {best['method']} at threshold {best['score_threshold']} "
+        f"(AJI {best['mean']['aji']:.4f}); wrote {path}")
+
+
+if __name__ == '__main__':
+  main()
