@@ -31,7 +31,7 @@ class RunCheckpoints:
     self.best = ocp.CheckpointManager(
         root / 'best',
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda metrics: metrics['val_aji'], best_mode='max',
+            max_to_keep=1, best_fn=lambda metrics: metrics['val_score'], best_mode='max',
             keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
         item_names=('state', 'meta'))
@@ -45,9 +45,10 @@ class RunCheckpoints:
   def save_latest(self, step: int, state: Any, meta: dict) -> None:
     self.latest.save(step, args=_save_args(state, meta), force=True)
 
-  def save_best(self, step: int, state: Any, meta: dict, *, val_aji: float) -> None:
-    """Offers the checkpoint to the best manager; Orbax keeps it only if its AJI is the highest."""
-    self.best.save(step, args=_save_args(state, meta), metrics={'val_aji': float(val_aji)},
+  def save_best(self, step: int, state: Any, meta: dict, *, score: float) -> None:
+    """Offers the checkpoint to the best manager; Orbax keeps it only if its validation score
+    (`config.train.select_metric`) is the highest."""
+    self.best.save(step, args=_save_args(state, meta), metrics={'val_score': float(score)},
                    force=True)
 
   def restore(self, abstract_state: Any, *, which: str = 'latest', step: int | None = None):

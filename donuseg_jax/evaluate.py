@@ -38,6 +38,26 @@ PATCH_SIZE = 256  # crops of the `patch` protocol (the paper's evaluation patche
 PATCH_STRIDE = 128
 
 
+def point_f1(points: np.ndarray, instances: np.ndarray) -> float:
+  """How well predicted instances match the clicked points, with no mask: the F1 of a one-to-one
+  matching in which a point matches the instance its pixel lies in (a second point in the same
+  instance is a miss). 2 TP / (points + instances); 1 when both are empty.
+
+  It judges detection and splitting, not mask extent; it is what selects a checkpoint when the
+  validation images have points but no masks (`config.train.select_metric = 'point_f1'`).
+  """
+  points = np.asarray(points, np.float64).reshape(-1, 2)
+  instances = np.asarray(instances)
+  predicted = int(len(np.unique(instances[instances > 0])))
+  if len(points) + predicted == 0:
+    return 1.0
+  rows = np.clip(np.floor(points[:, 1] + 0.5).astype(np.int64), 0, instances.shape[0] - 1)
+  cols = np.clip(np.floor(points[:, 0] + 0.5).astype(np.int64), 0, instances.shape[1] - 1)
+  hit = instances[rows, cols]
+  matched = int(len(np.unique(hit[hit > 0])))
+  return 2.0 * matched / (len(points) + predicted)
+
+
 def evaluate_examples(examples, *, predict_windows, config: ml_collections.ConfigDict,
                       protocol: str | None = None, progress: bool = True) -> dict:
   """Predicts and scores whole-image examples (dicts with 'image', 'instances', 'id').
@@ -77,14 +97,19 @@ def evaluate_examples(examples, *, predict_windows, config: ml_collections.Confi
              'n_pred': int(len(result['instance_scores'])),
              'seconds': time.perf_counter() - start}
     entry.update({name: float(np.mean([v[name] for v in values])) for name in metrics.METRIC_NAMES})
+    if 'points' in example:
+      entry['point_f1'] = point_f1(example['points'], pred)
     if protocol == 'patch':
       entry['n_patches'] = len(pairs)
     per_image.append(entry)
   summary = metrics.summarize(unit_metrics)
+  mean = {name: summary[name]['mean'] for name in metrics.METRIC_NAMES}
+  std = {name: summary[name]['std'] for name in metrics.METRIC_NAMES}
+  if all('point_f1' in entry for entry in per_image):
+    values = [entry['point_f1'] for entry in per_image]
+    mean['point_f1'], std['point_f1'] = float(np.mean(values)), float(np.std(values))
   return {'protocol': protocol, 'method': config.eval.instance_method, 'units': len(unit_metrics),
-          'per_image': per_image,
-          'mean': {name: summary[name]['mean'] for name in metrics.METRIC_NAMES},
-          'std': {name: summary[name]['std'] for name in metrics.METRIC_NAMES},
+          'per_image': per_image, 'mean': mean, 'std': std,
           'aggregate': {k: float(v) for k, v in metrics.aggregate(unit_counts).items()}}
 
 
@@ -104,14 +129,14 @@ class Validator:
     self.forward_windows = predictor.make_forward_windows(graphdef)  # compiled at the first call
 
   def __call__(self, params, batch_stats) -> dict:
-    params, batch_stats = _local_copy(params), _local_copy(batch_stats)
+    params, batch_stats = local_copy(params), local_copy(batch_stats)
     predict_windows = predictor.make_predict_windows(self.graphdef, params, batch_stats,
                                                      forward_windows=self.forward_windows)
     return evaluate_examples(self.examples, predict_windows=predict_windows, config=self.config,
                              protocol=self.protocol, progress=False)
 
 
-def _local_copy(tree):
+def local_copy(tree):
   """A replicated (possibly multi-device) pytree as single-device arrays, without communication."""
   def first_shard(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:

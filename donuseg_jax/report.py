@@ -19,9 +19,12 @@ def write_final_report(workdir: str | pathlib.Path) -> dict:
   """Writes DIR/eval_test_<protocol>.json, DIR/overlays/<id>.*, and returns the test metrics."""
   workdir = pathlib.Path(workdir)
   config, graphdef, params, batch_stats = train.load_trained_model(workdir, which='best')
+  examples = folds.load_fold_examples(config)['test']
+  if not examples:
+    print(f'test step skipped: {config.data.name} ({config.data.split_scheme} scheme) has no test '
+          'images here (MoNuSeg: put MoNuSegTestData/ under the data root)', flush=True)
+    return {}
   predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats)
-  fold = folds.load_fold_examples(config)
-  examples = fold['test']
   if config.eval.max_images:
     examples = examples[:config.eval.max_images]
   result = evaluate.evaluate_examples(examples, predict_windows=predict_windows, config=config,

@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from donuseg_jax import checkpoints
+from donuseg_jax import diagnostics
 from donuseg_jax import losses
 from donuseg_jax import models
 from donuseg_jax import parallel
@@ -93,7 +94,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config
 
   def loss_fn(params):
     outputs, batch_stats = models.forward(graphdef, params, state.batch_stats, batch['image'],
-                                          train=True, with_cams=with_cams)
+                                          train=True, with_cams=with_cams,
+                                          cam_statistics=config.loss.cam_statistics)
     loss, aux = losses.total_loss(outputs, batch, config=config, epoch=epoch)
     return loss, (aux, batch_stats)
 
@@ -147,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                steps_per_epoch=steps_per_epoch)
   writer = run_log.MetricsWriter(workdir, enabled=is_main)
   validator = evaluate.Validator(fold['val'], graphdef=graphdef, config=config)
+  figure_panels = diagnostics.PseudoLabelPanels(graphdef, config=config)
 
   stop = _StopRequest()
   progress = tqdm(total=total_steps, initial=start, desc='train', disable=not is_main,
@@ -178,8 +181,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         _check_finite(*pending)
         val = validator(state.params, state.batch_stats)
         writer.write(done, {f'val/{k}': v for k, v in val['mean'].items()})
+        if is_main:
+          params, batch_stats = evaluate.local_copy((state.params, state.batch_stats))
+          diagnostics.write_pseudo_label_figure(
+              workdir / 'figures' / f'step_{done:06d}.png',
+              figure_panels(params, batch_stats, fold['val'][0]))
         ckpts.save_latest(done, state, dict(meta, val=val['mean']))
-        ckpts.save_best(done, state, dict(meta, val=val['mean']), val_aji=val['mean']['aji'])
+        ckpts.save_best(done, state, dict(meta, val=val['mean']),
+                        score=val['mean'][config.train.select_metric])
       elif done % config.train.checkpoint_every_steps == 0 or stop.requested:
         _check_finite(*pending)
         ckpts.save_latest(done, state, meta)

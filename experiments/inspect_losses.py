@@ -101,7 +101,8 @@ def loss_terms(outputs, batch):
                               alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
   terms.update({f'loss/det_{k}': v for k, v in det.items()})
   pseudo, alpha, index = losses.dynamic_cam_selection(
-      cams=outputs['cams'], label=label_m, theta=cfg.theta, fixed_block=cfg.fixed_cam_block)
+      cams=outputs['cams'], label=label_m, theta=cfg.theta, fixed_block=cfg.fixed_cam_block,
+      alpha_form=cfg.alpha)
   alpha_p = jnp.take_along_axis(alpha, index[:, None], axis=1)[:, 0]  # (B,) alpha of P
   terms['loss/dcs'] = losses.dcs_loss(logits=outputs['segmentation'], pseudo=pseudo, alpha=alpha_p)
   terms['loss/ccl'] = losses.contrastive_loss(features=outputs['projection'], label=label_m,

@@ -165,3 +165,87 @@ def test_model_c5_cam_peaks_where_localization_responds(tiny):
   expected = jax.image.resize(cams_lib.normalize_per_image(jnp.asarray(localization)), (2, 128, 128),
                               'bilinear')
   np.testing.assert_allclose(cam5, expected, atol=1e-5)
+
+
+def _reference_grad_cam(activation: np.ndarray, gradient: np.ndarray) -> np.ndarray:
+  """Grad-CAM in float64 NumPy, written out: per image and channel w = mean of the gradient over
+  space; map = ReLU(sum_c w A_c); min-max scaled per image (constant -> 0)."""
+  out = np.zeros(activation.shape[:3])
+  for b in range(activation.shape[0]):
+    cam = np.zeros(activation.shape[1:3])
+    for c in range(activation.shape[3]):
+      cam += gradient[b, :, :, c].mean() * activation[b, :, :, c]
+    cam = np.maximum(cam, 0.0)
+    span = cam.max() - cam.min()
+    out[b] = (cam - cam.min()) / span if span > 0 else 0.0
+  return out
+
+
+def test_grad_cam_mixed_sign_weights_that_differ_per_image():
+  """Weights of both signs that differ per image: a dropped ReLU, |gradient| or weights averaged
+  across the batch each change the answer (checked: each variant differs from the reference)."""
+  rng = np.random.default_rng(7)
+  activation = rng.uniform(0.0, 1.0, (3, 8, 8, 4))
+  weights = np.array([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.5, -0.5, 2.0], [0.3, 0.3, -3.0, 1.0]])
+  # Spatially varying gradients whose spatial mean is the weight.
+  noise = rng.normal(0.0, 1.0, (3, 8, 8, 4))
+  gradient = weights[:, None, None, :] + noise - noise.mean(axis=(1, 2), keepdims=True)
+  got = np.asarray(cams_lib.grad_cam(jnp.asarray(activation, jnp.float32),
+                                     jnp.asarray(gradient, jnp.float32), size=(8, 8)))
+  want = _reference_grad_cam(activation, gradient)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # The reference is sensitive to each classic mistake, so the comparison above has power.
+  no_relu = np.einsum('bhwc,bc->bhw', activation, weights)
+  assert (no_relu < 0).mean() > 0.2  # negative evidence exists and must be cut
+  assert not np.allclose(_reference_grad_cam(activation, np.abs(gradient)), want, atol=1e-2)
+  mixed = np.broadcast_to(gradient.mean(axis=0, keepdims=True), gradient.shape)
+  assert not np.allclose(_reference_grad_cam(activation, mixed), want, atol=1e-2)
+
+
+def _distinct_images(batch, size):
+  """Different images (one colour gradient and noise level each), uint8."""
+  rng = np.random.default_rng(11)
+  images = []
+  for b in range(batch):
+    ramp = np.linspace(0, 255, size)[None, :, None] * (b + 1) / batch
+    images.append(np.clip(ramp + rng.normal(0, 40 * (b + 1), (size, size, 3)), 0, 255))
+  return jnp.asarray(np.stack(images).astype(np.uint8))
+
+
+def test_eval_cam_of_an_image_does_not_depend_on_its_batch(tiny):
+  graphdef, params, batch_stats = tiny
+  images = _distinct_images(3, 64)
+  run = jax.jit(lambda x: models.compute_cams(graphdef, params, batch_stats, x, train=False),
+                compiler_options=FAST_COMPILE)
+  together = np.asarray(run(images))
+  assert float(together.max()) > 0.5
+  for b in range(3):
+    alone = np.asarray(run(images[b:b + 1]))
+    np.testing.assert_allclose(together[b], alone[0], atol=1e-5)
+
+
+def test_training_forward_cams_explain_the_network_as_it_predicts(tiny):
+  """Decided (issue 9): the training forward's CAMs are those of the running-statistics network,
+  computed per image. The 'batch' setting (the old shared pass) shows why: BatchNorm's backward
+  removes each channel's batch-mean gradient, so the block 1-3 Grad-CAM weights cancel over the
+  batch and the maps differ from the network's own."""
+  graphdef, params, batch_stats = tiny
+  images = _distinct_images(4, 64)
+
+  @functools.partial(jax.jit, static_argnames='mode', compiler_options=FAST_COMPILE)
+  def train_cams(images, mode):
+    outputs, _ = models.forward(graphdef, params, batch_stats, images, train=True, with_cams=True,
+                                cam_statistics=mode)
+    return outputs['cams']
+
+  reference = np.asarray(jax.jit(lambda x: models.compute_cams(graphdef, params, batch_stats, x,
+                                                               train=False))(images))
+  running = np.asarray(train_cams(images, 'running'))
+  np.testing.assert_allclose(running, reference, atol=1e-5)
+  alone = np.asarray(train_cams(images[1:2], 'running'))
+  np.testing.assert_allclose(running[1], alone[0], atol=1e-5)
+  batch = np.asarray(train_cams(images, 'batch'))
+  assert np.abs(batch[:, :3] - reference[:, :3]).max() > 0.1
+  with pytest.raises(ValueError, match='cam_statistics'):
+    models.forward(graphdef, params, batch_stats, images, train=True, with_cams=True,
+                   cam_statistics='mean')

@@ -30,7 +30,7 @@ def test_latest_keeps_the_last_few_and_restores_meta(tmp_path):
 def test_best_follows_validation_aji_not_recency(tmp_path):
   ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2)
   for step, aji in ((10, 0.30), (20, 0.45), (30, 0.40)):
-    ckpts.save_best(step, _state(step), {'step': step}, val_aji=aji)
+    ckpts.save_best(step, _state(step), {"step": step}, score=aji)
   ckpts.wait()
   assert ckpts.best_step() == 20
   state, _ = ckpts.restore(_abstract(_state(0)), which='best')

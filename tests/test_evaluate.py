@@ -96,3 +96,19 @@ def test_evaluate_command_and_validator_on_a_smoke_run(tmp_path, tfds_dir):
   val = validator(params, batch_stats)
   for name in metrics.METRIC_NAMES:
     assert val['mean'][name] == pytest.approx(saved['mean'][name], abs=1e-9)
+
+
+def test_point_f1_counts_a_one_to_one_matching():
+  instances = np.zeros((20, 30), np.int32)
+  instances[2:6, 2:6] = 1  # holds two points: one match, one miss
+  instances[10:14, 10:14] = 2  # holds one point
+  instances[15:18, 25:28] = 3  # holds none: a false positive
+  points = np.array([[3., 3.], [4., 5.], [11., 12.], [20., 2.]], np.float32)  # the last one: missed
+  # 2 matches; 4 points; 3 instances.
+  assert evaluate.point_f1(points, instances) == pytest.approx(2 * 2 / (4 + 3))
+  assert evaluate.point_f1(np.zeros((0, 2)), np.zeros((5, 5), np.int32)) == 1.
+  assert evaluate.point_f1(points, np.zeros((20, 30), np.int32)) == 0.
+  # Round half up, as everywhere in the pipeline: x = 5.5 is column 6.
+  edge = np.zeros((4, 8), np.int32)
+  edge[1, 6] = 1
+  assert evaluate.point_f1(np.array([[5.5, 1.]]), edge) == 1.

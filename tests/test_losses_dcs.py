@@ -142,3 +142,86 @@ def test_dcs_gradients_zero_on_ignored_and_none_for_alpha():
   empty = np.full_like(pseudo, -1)
   value, grad = jax.value_and_grad(lambda x: losses.dcs_loss(logits=x, pseudo=empty, alpha=alpha))(logits)
   assert float(value) == 0. and not np.any(np.asarray(grad))
+
+
+def reference_balanced_alpha(cam_label, label):
+  """Balanced Eq. 4 for one image: mean over the classes present in M of the agreement rate."""
+  rates = []
+  for value in (1, 0):
+    where = label == value
+    if where.any():
+      rates.append(float(np.mean(cam_label[where] == value)))
+  return sum(rates) / len(rates) if rates else 0.
+
+
+def test_balanced_similarity_rate_matches_reference():
+  rng = np.random.default_rng(5)
+  label = random_label(rng, (4, 16, 16))
+  cam_label = random_label(rng, (4, 3, 16, 16), p_ignore=0.3)
+  label[2] = -1  # no valid pixel: 0
+  label[3][label[3] == 1] = 0  # background only: the background rate alone
+  got = np.asarray(losses.similarity_rate(cam_label=cam_label, label=label, form='balanced'))
+  for b in range(4):
+    for k in range(3):
+      assert got[b, k] == pytest.approx(reference_balanced_alpha(cam_label[b, k], label[b]), rel=1e-6)
+  with pytest.raises(ValueError, match='alpha form'):
+    losses.similarity_rate(cam_label=cam_label, label=label, form='mean')
+
+
+def _nuclei_scene():
+  """A 256 x 256 field of 16 round nuclei (radius 7) 64 pixels apart, clicked at their centres, as
+  sparse as TNBC's tissue: the paper's M (r = 4, d = 20) and the true mask."""
+  from donuseg_jax.data import pseudo_labels  # noqa: PLC0415
+  centres = np.array([(32 + 64 * i, 32 + 64 * j) for i in range(4) for j in range(4)], np.float32)
+  rows, cols = np.mgrid[:256, :256]
+  truth = np.zeros((256, 256), bool)
+  for x, y in centres:
+    truth |= (rows - y) ** 2 + (cols - x) ** 2 <= 49
+  label = pseudo_labels.initial_label(centres, (256, 256), r=4., d=20.)
+  return label, truth
+
+
+def test_alpha_orders_hand_made_maps():
+  """The true mask must outscore an empty map and the true mask with 5% scattered false
+  positives. The paper's form ranks the empty map above the noisy true mask (why selection
+  rewarded sparse maps); the balanced form ranks them as a user would."""
+  label, truth = _nuclei_scene()
+  rng = np.random.default_rng(0)
+  noisy = truth | (rng.random(truth.shape) < 0.05)
+  maps = {'truth': truth, 'empty': np.zeros_like(truth), 'noisy': noisy}
+  cam_labels = np.stack([m.astype(np.int8) for m in maps.values()])[None]  # (1, 3, H, W)
+  alphas = {}
+  for form in ('paper', 'balanced'):
+    values = np.asarray(losses.similarity_rate(cam_label=cam_labels, label=label[None], form=form))[0]
+    alphas[form] = dict(zip(maps, values))
+  assert alphas['paper']['empty'] > alphas['paper']['noisy']  # the flaw, measured on TNBC too
+  balanced = alphas['balanced']
+  assert balanced['truth'] > balanced['noisy'] > balanced['empty']
+  assert balanced['truth'] == pytest.approx(1.) and balanced['empty'] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('form', ['paper', 'balanced'])
+def test_constant_cam_never_wins(form):
+  """A flat CAM (normalised to 0) binarises to all background, which M (mostly background) would
+  rate highly under the paper's form; it must never be selected, and an image whose CAMs are all
+  flat gets an all-ignored P with alpha 0."""
+  label, truth = _nuclei_scene()
+  rng = np.random.default_rng(1)
+  # A blurry but informative CAM: half the nucleus pixels above theta, 10% of the rest in between.
+  draw = rng.random(truth.shape)
+  weak = np.where(truth, np.where(draw < 0.5, 0.9, 0.5), np.where(draw < 0.1, 0.5, 0.1))
+  cams = np.stack([np.zeros_like(weak), weak, np.zeros_like(weak), weak])[None].astype(np.float32)
+  cams = np.concatenate([cams, np.zeros_like(cams)])  # image 1: every CAM flat
+  labels = np.stack([label, label])
+  pseudo, alpha, index = losses.dynamic_cam_selection(cams=cams, label=labels, theta=0.8,
+                                                      alpha_form=form)
+  assert int(index[0]) == 1
+  assert float(alpha[0, 0]) == 0. and float(alpha[0, 2]) == 0.
+  np.testing.assert_array_equal(np.asarray(pseudo[1]), -1)
+  np.testing.assert_array_equal(np.asarray(alpha[1]), 0.)
+  # What the paper's form would have said of the flat map, had it been scored: it would have won.
+  flat = np.zeros((1, 1) + label.shape, np.int8)
+  weak_binary = np.asarray(losses.binarize_cam(cam=weak, theta=0.8))[None, None]
+  if form == 'paper':
+    assert (float(losses.similarity_rate(cam_label=flat, label=label[None])[0, 0])
+            > float(losses.similarity_rate(cam_label=weak_binary, label=label[None])[0, 0]))

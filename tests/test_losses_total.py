@@ -73,8 +73,10 @@ def full(inputs):
 def test_all_terms_finite_and_summed(full, inputs):
   loss, aux = full
   expected = {'loss', 'loss/det', 'loss/det_focal', 'loss/det_iou', 'loss/det_centerness', 'loss/seg',
-              'loss/loc', 'loss/dcs', 'loss/ccl', 'dcs/pseudo_fraction', 'quality/m_accuracy',
-              'quality/p_accuracy', 'quality/has_gt'}
+              'loss/loc', 'loss/dcs', 'loss/ccl', 'dcs/pseudo_fraction', 'dcs/alpha_p',
+              'quality/has_gt', 'quality/true_fraction'}
+  expected |= {f'quality/{m}_{q}' for m in ('m', 'p', 'pred')
+               for q in ('fg_fraction', 'precision', 'recall', 'iou')}
   expected |= {f'dcs/{name}_block{k}' for name in ('alpha', 'chosen') for k in range(1, 5)}
   assert set(aux) == expected
   assert all(np.isfinite(v) for v in aux.values())
@@ -139,11 +141,75 @@ def test_warmup_gates_cam_terms_without_retracing(inputs, full):
 
 
 def test_quality_against_ground_truth(inputs):
+  """Foreground precision / recall / IoU of M, P and the prediction, counted by hand."""
   outputs, batch = inputs
   perfect = dict(batch, instances=(batch['label_m'] == 1).astype(np.int32))
   _, aux = run(outputs, perfect)
-  assert aux['quality/m_accuracy'] == 1. and aux['quality/has_gt'] == 1.
-  assert 0. < aux['quality/p_accuracy'] < 1.
+  assert aux['quality/m_precision'] == aux['quality/m_recall'] == aux['quality/m_iou'] == 1.
+  assert aux['quality/has_gt'] == 1.
+  truth = np.asarray(perfect['instances']) > 0
+  pred = np.asarray(outputs['segmentation']) > 0
+  hit = np.sum(pred & truth)
+  assert aux['quality/pred_precision'] == pytest.approx(hit / pred.sum(), rel=1e-6)
+  assert aux['quality/pred_recall'] == pytest.approx(hit / truth.sum(), rel=1e-6)
+  assert aux['quality/pred_iou'] == pytest.approx(hit / np.sum(pred | truth), rel=1e-6)
+  assert aux['quality/pred_fg_fraction'] == pytest.approx(pred.mean(), rel=1e-6)
+  assert 0. < aux['quality/p_recall'] < 1. and 0. < aux['quality/p_precision'] <= 1.
+  # Only images with ground truth count: image 1 without masks leaves image 0's figures.
+  half = np.asarray(perfect['instances']).copy()
+  half[1] = 0
+  _, aux_half = run(outputs, dict(batch, instances=half))
+  hit0 = np.sum(pred[0] & truth[0])
+  assert aux_half['quality/pred_precision'] == pytest.approx(hit0 / pred[0].sum(), rel=1e-6)
+  assert aux_half['quality/has_gt'] == 0.5
   no_gt = dict(batch, instances=np.zeros_like(batch['instances']))
   _, aux = run(outputs, no_gt)
-  assert aux['quality/has_gt'] == 0. and aux['quality/m_accuracy'] == 0.
+  assert aux['quality/has_gt'] == 0. and aux['quality/m_recall'] == 0.
+
+
+def _reference_selection(cams, label, *, theta, alpha_form, fixed_block=0):
+  """P and alpha_P from NumPy: Eq. 3 binarisation, (balanced) Eq. 4, first maximum over the
+  informative (non-constant) blocks."""
+  binary = np.where(cams > theta, 1, np.where(cams <= 1 - theta, 0, -1)).astype(np.int8)
+  pseudo, alpha_p = [], []
+  for b in range(cams.shape[0]):
+    alphas = []
+    for k in range(cams.shape[1]):
+      if cams[b, k].max() <= 0:
+        alphas.append(-1.)
+        continue
+      if alpha_form == 'paper':
+        valid = label[b] != -1
+        alphas.append(float(np.mean(binary[b, k][valid] == label[b][valid])))
+      else:
+        rates = [np.mean(binary[b, k][label[b] == v] == v) for v in (1, 0) if np.any(label[b] == v)]
+        alphas.append(float(np.mean(rates)))
+    k = fixed_block - 1 if fixed_block else int(np.argmax(alphas))
+    pseudo.append(binary[b, k])
+    alpha_p.append(max(alphas[k], 0.))
+  return np.stack(pseudo), np.asarray(alpha_p, np.float32)
+
+
+@pytest.mark.parametrize('overrides', [{}, {'fixed_cam_block': 2}, {'alpha': 'paper'}])
+def test_eq2_wiring_by_value(inputs, overrides):
+  """loss/dcs and loss/ccl equal dcs_loss and contrastive_loss evaluated on the P and alpha_P that
+  an independent NumPy selection makes, and the total is Eq. 2's weighted sum."""
+  outputs, batch = inputs
+  config = make_config(**overrides)
+  cams = np.asarray(outputs['cams']).copy()
+  cams[0, 0] = 0.  # a flat block: never chosen dynamically
+  outputs = dict(outputs, cams=cams)
+  loss, aux = run(outputs, batch, **overrides)
+  pseudo, alpha_p = _reference_selection(cams, np.asarray(batch['label_m']), theta=config.loss.theta,
+                                         alpha_form=config.loss.alpha,
+                                         fixed_block=config.loss.fixed_cam_block)
+  want_dcs = float(losses.dcs_loss(logits=outputs['segmentation'], pseudo=pseudo, alpha=alpha_p))
+  want_ccl = float(losses.contrastive_loss(
+      features=outputs['projection'], label=batch['label_m'], pseudo=pseudo, alpha=alpha_p,
+      tau=config.loss.tau, keys=config.loss.contrastive_keys))
+  assert want_dcs > 0. and want_ccl > 0.
+  assert aux['loss/dcs'] == pytest.approx(want_dcs, rel=1e-5)
+  assert aux['loss/ccl'] == pytest.approx(want_ccl, rel=1e-5)
+  assert aux['dcs/alpha_p'] == pytest.approx(float(alpha_p.mean()), rel=1e-5)
+  assert loss == pytest.approx(aux['loss/det'] + aux['loss/seg'] + aux['loss/loc']
+                               + config.loss.w_dcs * want_dcs + config.loss.w_ccl * want_ccl, rel=1e-5)

@@ -31,11 +31,11 @@ def test_inspect_losses(tmp_path, data_root, tfds_dir):
     if len(parts) == 2 and '/' in parts[0] and not parts[0].startswith('/'):
       printed[parts[0]] = float(parts[1])
   for name in ('loss/seg', 'loss/loc', 'loss/det', 'loss/det_focal', 'loss/dcs', 'loss/ccl',
-               'dcs/alpha_block1', 'dcs/chosen_block4', 'dcs/pseudo_fraction', 'quality/m_accuracy',
-               'quality/p_accuracy', 'quality/has_gt'):
+               'dcs/alpha_block1', 'dcs/chosen_block4', 'dcs/pseudo_fraction', 'quality/m_precision',
+               'quality/p_recall', 'quality/pred_iou', 'quality/has_gt'):
     assert name in printed and math.isfinite(printed[name]), name
   assert printed['quality/has_gt'] == 1.  # TNBC has ground truth
-  assert printed['quality/m_accuracy'] > 0.9  # M is built from GT centroids: nearly always right
+  assert printed['quality/m_precision'] > 0.9  # M's disks sit at GT centroids: nearly always inside
   image = skimage.io.imread(figure)
   # 2 crops x 11 panels (image, M, 4 CAMs, 4 binarised, P) of 128 px, 4 px gaps, drawn at 2x.
   assert image.shape == (2 * (2 * 132 + 4), 2 * (11 * 132 + 4), 3)

@@ -5,6 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scipy import ndimage
+
 from donuseg_jax.data import pseudo_labels
 
 
@@ -135,3 +137,71 @@ def test_boxes_match_loop_reference(coords, ratio, range_split):
   inside = ((boxes[:, 0] <= points[:, 0]) & (points[:, 0] <= boxes[:, 2]) &
             (boxes[:, 1] <= points[:, 1]) & (points[:, 1] <= boxes[:, 3]))
   assert inside.all() and boxes.min() >= -0.5 and boxes.max() <= 127.5
+
+
+def _stained_scene():
+  """Pink tissue with hematoxylin-dark round nuclei of radius 8 and one 'nucleus' of radius 40
+  (a dark smear); clicks at their centres."""
+  rows, cols = np.mgrid[:160, :160]
+  image = np.empty((160, 160, 3), np.uint8)
+  image[:] = (235, 190, 215)
+  centres = [(30., 30.), (100., 40.), (40., 110.)]
+  nuclei = np.zeros((160, 160), bool)
+  for x, y in centres:
+    nuclei |= (rows - y) ** 2 + (cols - x) ** 2 <= 64
+  smear = (rows - 115) ** 2 + (cols - 115) ** 2 <= 1600
+  image[nuclei | smear] = (70, 40, 130)
+  return image, np.array(centres + [(115., 115.)], np.float32), nuclei, smear
+
+
+def test_watershed_label_grows_over_the_stained_nucleus():
+  image, points, nuclei, smear = _stained_scene()
+  label = pseudo_labels.watershed_label(image, points, cap=20., sigma=1., band=3)
+  assert label.dtype == np.int8 and set(np.unique(label)) <= {-1, 0, 1}
+  fg = label == 1
+  # The whole nucleus, not a disk of r = 4 (50 px of its 200): recall and precision both high.
+  assert np.sum(fg & nuclei) / nuclei.sum() > 0.9
+  assert np.sum(fg & nuclei) / np.sum(fg & ~smear) > 0.9
+  # The smear is cut at the cap: nothing beyond 20 px (plus rounding) of its click.
+  rows, cols = np.nonzero(fg & smear)
+  assert np.hypot(rows - 115, cols - 115).max() <= 20.5
+  # A 3-px ignored ring, then background.
+  ring = ndimage.binary_dilation(fg, iterations=3) & ~fg
+  np.testing.assert_array_equal(label[ring], -1)
+  far = ~ndimage.binary_dilation(fg, structure=np.ones((3, 3), bool), iterations=3)
+  np.testing.assert_array_equal(label[far], 0)
+  # No points: all background, as for the paper's M.
+  np.testing.assert_array_equal(pseudo_labels.watershed_label(image, np.zeros((0, 2))), 0)
+
+
+def test_watershed_regions_split_touching_nuclei_between_clicks():
+  rows, cols = np.mgrid[:64, :96]
+  image = np.full((64, 96, 3), (235, 190, 215), np.uint8)
+  pair = ((rows - 32) ** 2 + (cols - 38) ** 2 <= 100) | ((rows - 32) ** 2 + (cols - 56) ** 2 <= 100)
+  image[pair] = (70, 40, 130)
+  regions = pseudo_labels.hematoxylin_regions(image, np.array([[38., 32.], [56., 32.]], np.float32))
+  assert set(np.unique(regions)) == {0, 1, 2}
+  assert regions[32, 30] == 1 and regions[32, 64] == 2
+  assert np.sum(regions > 0) >= 0.9 * pair.sum()
+
+
+def test_make_initial_label_dispatches_on_config():
+  from configs import default  # noqa: PLC0415
+  image, points, _, _ = _stained_scene()
+  config = default.get_config(None)
+  np.testing.assert_array_equal(
+      pseudo_labels.make_initial_label(image, points, labels=config.labels),
+      pseudo_labels.initial_label(points, image.shape[:2], r=config.labels.r, d=config.labels.d))
+  plus = default.get_config('plus')
+  assert plus.labels.initial == 'watershed'
+  np.testing.assert_array_equal(pseudo_labels.make_initial_label(image, points, labels=plus.labels),
+                                pseudo_labels.watershed_label(image, points))
+
+
+def test_watershed_label_fills_the_pale_centre_of_a_vesicular_nucleus():
+  rows, cols = np.mgrid[:64, :64]
+  image = np.full((64, 64, 3), (235, 190, 215), np.uint8)
+  radius2 = (rows - 32) ** 2 + (cols - 32) ** 2
+  image[(radius2 <= 144) & (radius2 > 25)] = (70, 40, 130)  # dark rim, pale chromatin inside
+  label = pseudo_labels.watershed_label(image, np.array([[25., 32.]], np.float32))  # click on the rim
+  np.testing.assert_array_equal(label[radius2 <= 144], 1)

@@ -108,3 +108,26 @@ def test_on_the_fly_folds():
   more = [f'TCGA-{i:02d}' for i in range(30)]
   split = splits.load_split('monuseg', 0, ids=more)
   assert sorted(sum(split.values(), [])) == more and len(split['test']) == 6
+
+
+def test_monuseg_official_without_test_folder_trains_and_skips_the_test(data_root, tfds_dir, capsys,
+                                                                        monkeypatch):
+  """The shared data holds the official training images only: the scheme trains on them (its
+  seeded validation part selects the checkpoint) and the final report says the test was skipped."""
+  from configs import monuseg  # noqa: PLC0415
+  from donuseg_jax import report  # noqa: PLC0415
+  from donuseg_jax.data import folds  # noqa: PLC0415
+
+  assert not (data_root / 'monuseg' / 'MoNuSegTestData').exists()
+  config = monuseg.get_config('cpu')
+  config.unlock()
+  config.data.split_scheme = 'official'
+  config.data.tfds_dir = str(tfds_dir)
+  fold = folds.load_fold_examples(config)
+  assert {k: len(v) for k, v in fold.items()} == {'train': 10, 'val': 3, 'test': 0}
+  assert not {e['id'] for e in fold['train']} & {e['id'] for e in fold['val']}
+  # The report's test step: a clear line instead of an error, and no eval file.
+  monkeypatch.setattr(report.train, 'load_trained_model',
+                      lambda workdir, which: (config, None, None, None))
+  assert report.write_final_report(data_root / 'nonexistent') == {}
+  assert 'test step skipped' in capsys.readouterr().out

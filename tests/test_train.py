@@ -86,14 +86,30 @@ def test_train_resume_and_best_checkpoint(tmp_path):
   records = run_log.read_metrics(workdir)
   steps = [r['step'] for r in records if 'loss' in r]
   assert steps == [1, 2, 3, 4], steps  # the second run started at step 3: nothing repeated
-  vals = {r['step']: r['val/aji'] for r in records if 'val/aji' in r}
+  vals = {r['step']: r['val/point_f1'] for r in records if 'val/aji' in r}
   assert set(vals) == {2, 4}  # evaluated at the end of each run
-  # The best checkpoint holds the highest validation AJI (test_checkpoints checks that it is not
-  # simply the latest when the values differ).
-  assert vals[second['best_step']] == max(vals.values())
+  # test_best_checkpoint_of_a_learning_run checks the choice where the scores differ.
   config, _, params, batch_stats = train.load_trained_model(workdir, which='best')
   assert config.data.name == 'synthetic' and jax.tree.leaves(params)
   assert json.loads((workdir / 'config.json').read_text())['train']['max_steps'] == 4
+
+
+def test_best_checkpoint_of_a_learning_run(learned_run):
+  """The best checkpoint is the validation step with the highest select_metric (point F1), on a
+  run whose validations differ and find nuclei; restoring it reproduces its logged AJI."""
+  from donuseg_jax import evaluate  # noqa: PLC0415
+
+  workdir, config, summary = learned_run
+  assert config.train.select_metric == 'point_f1'
+  vals = {r['step']: r for r in run_log.read_metrics(workdir) if 'val/aji' in r}
+  scores = {step: r['val/point_f1'] for step, r in vals.items()}
+  assert len(set(scores.values())) == len(scores) and min(scores.values()) > 0
+  assert summary['best_step'] == max(scores, key=scores.get)
+  result = evaluate.evaluate_workdir(workdir, split='val', which='best')
+  best = vals[summary['best_step']]
+  assert best['val/aji'] > 0.1
+  for name in ('aji', 'dice', 'pq', 'point_f1'):
+    assert result['mean'][name] == pytest.approx(best[f'val/{name}'], abs=1e-6), name
 
 
 _KILL_DURING_SAVE = textwrap.dedent('''

@@ -1,9 +1,11 @@
 """The examples of one cross-validation fold of a config: train / val / test lists."""
 
+from absl import logging
 import ml_collections
 
 from donuseg_jax.data import datasets
 from donuseg_jax.data import splits
+from donuseg_jax.data.readers import monuseg
 
 
 def load_fold_examples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
@@ -11,8 +13,16 @@ def load_fold_examples(config: ml_collections.ConfigDict) -> dict[str, list[dict
   data = config.data
   split = splits.load_split(data.name, data.fold, data_root=data.data_root or None,
                             scheme=data.split_scheme, synthetic_images=data.synthetic_images)
+  subsets = _subsets(data)
+  if 'test' in subsets and 'test' not in monuseg.available_subsets(
+      datasets.raw_dir(data.name, data_root=data.data_root or None)):
+    # Train and select on the official training images; there is nothing to test on here.
+    logging.warning('monuseg official scheme: MoNuSegTestData/ not found under the data root; '
+                    'training and validating on the official training images, test step skipped')
+    subsets = ('train',)
+    split = dict(split, test=[])
   examples = {}
-  for subset in _subsets(data):
+  for subset in subsets:
     for example in datasets.load_examples(
         data.name, data_root=data.data_root or None, tfds_dir=data.tfds_dir or None,
         subset=subset, synthetic_images=data.synthetic_images, synthetic_size=data.synthetic_size):

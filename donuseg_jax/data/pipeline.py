@@ -55,7 +55,7 @@ def prepare_image(example: dict, *, labels: ml_collections.ConfigDict, crop_size
     raise ValueError(f'{name}: instances {instances.shape} do not match image {image.shape}')
   points = np.asarray(example['points'], np.float32).reshape(-1, 2)
   points_lib.check_points_inside(points, (height, width), name or 'example')
-  label_m = pseudo_labels.initial_label(points, (height, width), r=labels.r, d=labels.d)
+  label_m = pseudo_labels.make_initial_label(image, points, labels=labels)
   boxes = pseudo_labels.pseudo_boxes(
       points, (height, width), ratio=labels.box_ratio, range_split=labels.box_range_split,
       s_min=labels.box_min, s_max=labels.box_max)

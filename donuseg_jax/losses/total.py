@@ -18,27 +18,46 @@ from donuseg_jax.losses import segmentation
 NUM_CAM_BLOCKS = 4  # C2..C5
 
 
-def _accuracy(*, label: jax.Array, truth: jax.Array, has_gt: jax.Array) -> jax.Array:
-  """Accuracy of label (1 / 0 / -1) against truth (bool) on labelled pixels of images with GT. Scalar."""
-  valid = (label != -1) & has_gt[:, None, None]  # (B, H, W)
-  correct = valid & ((label == 1) == truth)
-  return segmentation.safe_mean(total=jnp.sum(correct).astype(jnp.float32), count=jnp.sum(valid))
+def foreground_quality(*, foreground: jax.Array, truth: jax.Array, has_gt: jax.Array) -> dict:
+  """Precision, recall and IoU of a foreground map against the true masks, pooled over the images
+  that have ground truth. foreground, truth (B, H, W) bool; has_gt (B,) bool. Scalars; 0 where
+  undefined (no predicted or no true foreground)."""
+  keep = has_gt[:, None, None]
+  foreground, truth = foreground & keep, truth & keep
+  hit = jnp.sum(foreground & truth).astype(jnp.float32)
+  predicted, actual = jnp.sum(foreground), jnp.sum(truth)
+  return {'precision': segmentation.safe_mean(total=hit, count=predicted),
+          'recall': segmentation.safe_mean(total=hit, count=actual),
+          'iou': segmentation.safe_mean(total=hit, count=jnp.sum(foreground | truth))}
 
 
-def pseudo_label_diagnostics(*, label_m: jax.Array, pseudo: jax.Array, alpha: jax.Array,
-                             index: jax.Array, instances: jax.Array) -> dict:
-  """Logged, never in the loss: alpha and choice frequency per block, P's coverage, M / P accuracy."""
+def pseudo_label_diagnostics(*, label_m: jax.Array, pseudo: jax.Array | None, alpha: jax.Array | None,
+                             index: jax.Array | None, instances: jax.Array,
+                             seg_logits: jax.Array) -> dict:
+  """Logged, never in the loss: whether the pseudo labels grow into whole nuclei.
+
+  alpha and choice frequency per block; foreground fraction of P and of the prediction (logit > 0);
+  precision / recall / IoU of the foreground of M, P and the prediction against the true masks
+  (`quality/`, only from images that carry them: training reads the masks for nothing else).
+  """
   aux = {}
-  for k in range(alpha.shape[1]):
-    aux[f'dcs/alpha_block{k + 1}'] = jnp.mean(alpha[:, k])
-    aux[f'dcs/chosen_block{k + 1}'] = jnp.mean((index == k).astype(jnp.float32))
-  aux['dcs/pseudo_fraction'] = jnp.mean((pseudo != -1).astype(jnp.float32))
   truth = instances > 0  # (B, H, W)
-  # Batches without ground truth carry all-zero instances: accuracy is then reported as 0.
+  # Batches without ground truth carry all-zero instances: quality then reads 0.
   has_gt = jnp.any(truth, axis=(1, 2))  # (B,)
   aux['quality/has_gt'] = jnp.mean(has_gt.astype(jnp.float32))
-  aux['quality/m_accuracy'] = _accuracy(label=label_m, truth=truth, has_gt=has_gt)
-  aux['quality/p_accuracy'] = _accuracy(label=pseudo, truth=truth, has_gt=has_gt)
+  aux['quality/true_fraction'] = jnp.mean(truth.astype(jnp.float32))
+  maps = {'m': label_m == 1, 'pred': seg_logits > 0}
+  if pseudo is not None:
+    for k in range(alpha.shape[1]):
+      aux[f'dcs/alpha_block{k + 1}'] = jnp.mean(alpha[:, k])
+      aux[f'dcs/chosen_block{k + 1}'] = jnp.mean((index == k).astype(jnp.float32))
+    aux['dcs/pseudo_fraction'] = jnp.mean((pseudo != -1).astype(jnp.float32))
+    aux['dcs/alpha_p'] = jnp.mean(jnp.take_along_axis(alpha, index[:, None], axis=1))
+    maps['p'] = pseudo == 1
+  for name, foreground in maps.items():
+    aux[f'quality/{name}_fg_fraction'] = jnp.mean(foreground.astype(jnp.float32))
+    for metric, value in foreground_quality(foreground=foreground, truth=truth, has_gt=has_gt).items():
+      aux[f'quality/{name}_{metric}'] = value
   return aux
 
 
@@ -49,7 +68,7 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
   Args:
     outputs: the model's outputs (see CONTRACTS: 'segmentation' (B, H, W), 'localization'
       (B, H/32, W/32), 'detection' (levels P2..P6), 'projection' (B, H, W, D), 'cams' (B, 4, H, W)).
-      'cams' may be absent when both L_dcs and L_ccl are off (the 'dcs/' and 'quality/' entries
+      'cams' may be absent when both L_dcs and L_ccl are off (the 'dcs/' and 'quality/p_' entries
       are then absent from aux).
     batch: the training batch (`donuseg_jax.data.batch`).
     config: the full config (uses config.loss).
@@ -95,10 +114,9 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
   aux['loss/dcs'] = aux['loss/ccl'] = zero
   if 'cams' in outputs:
     pseudo, alpha, index = dcs.dynamic_cam_selection(cams=outputs['cams'], label=label_m,
-                                                     theta=cfg.theta, fixed_block=cfg.fixed_cam_block)
+                                                     theta=cfg.theta, fixed_block=cfg.fixed_cam_block,
+                                                     alpha_form=cfg.alpha)
     alpha_p = jnp.take_along_axis(alpha, index[:, None], axis=1)[:, 0]  # (B,)
-    aux.update(pseudo_label_diagnostics(label_m=label_m, pseudo=pseudo, alpha=alpha,
-                                        index=index, instances=batch['instances']))
     if cfg.use_dcs:
       aux['loss/dcs'] = dcs.dcs_loss(logits=seg_logits, pseudo=pseudo, alpha=alpha_p)
     if cfg.use_ccl:
@@ -107,6 +125,10 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
           keys=cfg.contrastive_keys)
   elif cfg.use_dcs or cfg.use_ccl:
     raise KeyError("outputs lack 'cams' (forward(..., with_cams=True)) but L_dcs or L_ccl is on")
+  else:
+    pseudo = alpha = index = None
+  aux.update(pseudo_label_diagnostics(label_m=label_m, pseudo=pseudo, alpha=alpha, index=index,
+                                      instances=batch['instances'], seg_logits=seg_logits))
 
   # Weight 0 during the warm-up; a traced comparison so that changing epochs never retraces.
   cam_gate = (jnp.asarray(epoch, jnp.float32) >= cfg.cam_warmup_epochs).astype(jnp.float32)

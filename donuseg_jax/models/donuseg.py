@@ -154,26 +154,45 @@ def _encode_with_cams(graphdef, params, batch_stats, x: jax.Array, *, train: boo
   return features, localization, new_stats, cams
 
 
-def forward(graphdef, params, batch_stats, images: jax.Array, *, train: bool, with_cams: bool = False):
+CAM_STATISTICS = ('running', 'batch')
+
+
+def forward(graphdef, params, batch_stats, images: jax.Array, *, train: bool, with_cams: bool = False,
+            cam_statistics: str = 'running'):
   """Pure forward: (graphdef, params, batch_stats) from `nnx.split(model, nnx.Param, nnx.BatchStat)`.
 
   images (B, H, W, 3) uint8 or float in [0, 255], H and W divisible by 32. `train` selects batch
   statistics (and returns updated running averages); in eval mode the returned statistics are the
   given ones. Returns (outputs, new_batch_stats); outputs as in CONTRACTS / `DoNuSeg.decode`, plus
   'cams' (B, 4, H, W) in [0, 1] under stop_gradient when `with_cams`.
+
+  `cam_statistics` (used when `train` and `with_cams`):
+    'running': the CAMs come from their own pass with the running statistics (the network as it
+      predicts at inference), one extra encoder forward. Each image's CAM is its own.
+    'batch': the CAMs share the training forward, with batch statistics. BatchNorm's backward
+      then removes the batch mean of every channel's gradient, so the Grad-CAM weights (spatial
+      means of the gradient) of blocks 1-3 cancel over the batch and each CAM shows "this image
+      minus the batch" (issue 9, cause 1). Kept only to measure and test that failure.
   """
+  if cam_statistics not in CAM_STATISTICS:
+    raise ValueError(f'cam_statistics must be one of {CAM_STATISTICS}, got {cam_statistics!r}')
   size = _check_size(images)
   x = normalize(images)
   model = _merge(graphdef, params, batch_stats)
-  if with_cams:
+  cams = None
+  if with_cams and (cam_statistics == 'batch' or not train):
     features, localization, new_stats, cams = _encode_with_cams(graphdef, params, batch_stats, x,
                                                                 train=train)
     nnx.update(model, new_stats)
   else:
     features = model.encoder(x, train=train)
     localization = model.localization(features['c5'])
+    if with_cams:
+      # Inputs under stop_gradient: the CAMs are labels, and this pass must add no gradient path.
+      _, _, _, cams = _encode_with_cams(graphdef, *jax.lax.stop_gradient((params, batch_stats)), x,
+                                        train=False)
   outputs = model.decode(features, localization, size=size)
-  if with_cams:
+  if cams is not None:
     outputs['cams'] = cams
   return outputs, nnx.state(model, nnx.BatchStat)
 
