@@ -1,6 +1,7 @@
 """Points: centroids inside their nuclei, user point files, and out-of-image points."""
 
 import json
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -117,3 +118,94 @@ def test_point_outside_image_names_file_and_point():
     points.check_points_inside(outside, (50, 100), 'slide.csv')
   with pytest.raises(images.DataError, match='point 0'):
     points.check_points_inside(np.array([[np.nan, 1]]), (5, 5), 'nan.csv')
+
+
+@pytest.mark.parametrize('bad, found', [
+    ('"12.5"', 'x must be a number, found string'),
+    ('null', 'x must be a number, found null'),
+    ('[1, 2]', 'x must be a number, found list'),
+    ('true', 'x must be a number, found boolean'),
+    ('NaN', 'x is nan'),
+    ('Infinity', 'x is inf'),
+    ('1e999', 'x is inf'),
+    ('1' + '0' * 400, 'x is 1000'),  # an integer beyond the float range
+])
+def test_geojson_bad_coordinate_types_name_file_and_feature(tmp_path, bad, found):
+  good = json.dumps(_feature({'type': 'Point', 'coordinates': [1.5, 2.5]}))
+  bad_feature = ('{"type": "Feature", "id": "cell-7", "geometry": {"type": "Point", '
+                 f'"coordinates": [{bad}, 3]}}, "properties": {{}}}}')
+  path = tmp_path / 'clicks.geojson'
+  path.write_text(f'{{"type": "FeatureCollection", "features": [{good}, {good}, {bad_feature}]}}')
+  with pytest.raises(images.DataError,
+                     match=rf"clicks\.geojson: feature 2 \(id 'cell-7'\): Point: {re.escape(found)}"):
+    points.read_points(path)
+
+
+@pytest.mark.parametrize('geometry, found', [
+    ({'type': 'Point', 'coordinates': '12,3'}, "Point: coordinates must be [x, y], found string '12,3'"),
+    ({'type': 'Point', 'coordinates': None}, 'Point: coordinates must be [x, y], found null'),
+    ({'type': 'Point', 'coordinates': [[1, 2]]}, 'Point: coordinates must be [x, y], found list'),
+    ({'type': 'Point', 'coordinates': [[1, 2], [3, 4]]}, 'Point: x must be a number, found list'),
+    ({'type': 'MultiPoint', 'coordinates': 5}, 'MultiPoint coordinates must be a list'),
+    ({'type': 'MultiPoint', 'coordinates': [[1, 2], ['a', 2]]},
+     "MultiPoint position 1: x must be a number, found string 'a'"),
+    ({'type': 'MultiPoint', 'coordinates': [[1, 2], [[3, 4]]]},
+     'MultiPoint position 1: coordinates must be [x, y], found list'),
+])
+def test_geojson_malformed_geometries_name_the_feature(tmp_path, geometry, found):
+  path = tmp_path / 'shapes.json'
+  features = [_feature({'type': 'Point', 'coordinates': [1, 1]}), _feature(geometry)]
+  features[1]['properties']['name'] = 'nucleus B'
+  path.write_text(json.dumps(features))
+  with pytest.raises(images.DataError,
+                     match=rf"shapes\.json: feature 1 \(id 'nucleus B'\): {re.escape(found)}"):
+    points.read_points(path)
+
+
+def test_geojson_odd_structures_are_data_errors(tmp_path):
+  path = tmp_path / 'odd.geojson'
+  for document, found in [
+      ({'type': 'FeatureCollection', 'features': 3}, '"features" must be a list'),
+      ({'type': 'FeatureCollection', 'features': [7]}, 'feature 0: expected a GeoJSON object'),
+      ({'type': 'Feature', 'geometry': 'here'}, 'expected a GeoJSON object, found string'),
+      ({'type': 'GeometryCollection', 'geometries': {}}, '"geometries" must be a list'),
+      ('[' * 5000 + ']' * 5000, 'nested too deeply'),
+  ]:
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    with pytest.raises(images.DataError, match=rf'odd\.geojson: .*{re.escape(found)}'):
+      points.read_points(path)
+  # A Feature without a geometry is allowed by GeoJSON: skipped.
+  path.write_text(json.dumps([_feature(None), _feature({'type': 'Point', 'coordinates': [2.5, 3.5]})]))
+  np.testing.assert_array_equal(points.read_points(path), [[2, 3]])
+
+
+def test_duplicated_points_dropped_with_a_warning(tmp_path):
+  path = tmp_path / 'twice.csv'
+  path.write_text('x,y\n10,20\n5,5\n10.2,19.9\n7,8\n5,5\n10,20\n')
+  with pytest.warns(points.DuplicatePointsWarning,
+                    match=r'twice\.csv: 3 duplicated point\(s\).*point 2 .*repeats point 0.*3 point'):
+    got = points.read_points(path)
+  np.testing.assert_array_equal(got, [[10, 20], [5, 5], [7, 8]])  # first of each, file order
+  geojson = tmp_path / 'twice.geojson'
+  geojson.write_text(json.dumps([
+      _feature({'type': 'MultiPoint', 'coordinates': [[10.5, 20.5], [1.5, 2.5]]}),
+      _feature({'type': 'Point', 'coordinates': [10.5, 20.5]})]))
+  with pytest.warns(points.DuplicatePointsWarning, match=r'twice\.geojson: 1 duplicated'):
+    np.testing.assert_array_equal(points.read_points(geojson), [[10, 20], [1, 2]])
+
+
+def test_distinct_points_give_no_warning(tmp_path, recwarn):
+  path = tmp_path / 'near.csv'
+  path.write_text('x,y\n10,20\n10.6,20\n10,19.4\n')  # neighbouring pixels, not the same one
+  assert len(points.read_points(path)) == 3
+  assert not [w for w in recwarn if issubclass(w.category, points.DuplicatePointsWarning)]
+
+
+def test_csv_non_finite_and_malformed_lines_named(tmp_path):
+  path = tmp_path / 'odd.csv'
+  path.write_text('x,y\n1,2\nnan,3\n')
+  with pytest.raises(images.DataError, match=r'odd\.csv: line 3: non-finite'):
+    points.read_points(path)
+  path.write_text('x,y\n1,"' + '9' * 200_000 + '"\n')  # beyond the csv module's field limit
+  with pytest.raises(images.DataError, match=r'odd\.csv: line 2: malformed CSV'):
+    points.read_points(path)

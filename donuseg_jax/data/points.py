@@ -3,11 +3,19 @@
 All points are float32 (K, 2) arrays of (x, y) = (column, row), with pixel (row i, column j)
 centred at (x, y) = (j, i) (see `batch.py`). A file with no points is valid: that image then trains
 as background only.
+
+Point files are checked as they are read; every problem is a `DataError` naming the file and the
+line (CSV) or feature (GeoJSON). Coordinates must be finite numbers. Points that fall on the same
+pixel as an earlier point of the file (a double click, an export run twice) are not an error: each
+point stands for one nucleus, so the repeats are dropped, keeping the first, and a
+`DuplicatePointsWarning` names the file and how many were dropped.
 """
 
 import csv
 import json
+import math
 import pathlib
+import warnings
 
 import numpy as np
 import scipy.ndimage
@@ -15,6 +23,10 @@ import scipy.ndimage
 from donuseg_jax.data import images
 
 DataError = images.DataError
+
+
+class DuplicatePointsWarning(UserWarning):
+  """A point file holds points on the same pixel; the repeats were dropped (the first one kept)."""
 
 
 def centroids_from_instances(instances: np.ndarray) -> np.ndarray:
@@ -55,7 +67,12 @@ def centroids_from_instances(instances: np.ndarray) -> np.ndarray:
 
 
 def read_points(path, *, origin: str | None = None) -> np.ndarray:
-  """Reads a point file by suffix: .csv / .tsv / .txt (x,y columns) or .geojson / .json (QuPath)."""
+  """Reads a point file by suffix: .csv / .tsv / .txt (x,y columns) or .geojson / .json (QuPath).
+
+  Points on the same pixel as an earlier point (after `origin` is applied, rounding as
+  `check_points_inside` does) are dropped with a `DuplicatePointsWarning` naming the file and the
+  count; the order of the points kept is the file's order.
+  """
   path = pathlib.Path(path)
   suffix = path.suffix.lower()
   if suffix in ('.csv', '.tsv', '.txt'):
@@ -70,7 +87,8 @@ def read_points_csv(path, *, origin: str = 'center') -> np.ndarray:
 
   `origin='center'` (default) takes the values as pixel-centre coordinates (numpy column/row);
   `origin='corner'` treats them as image coordinates with (0, 0) at the top-left corner of the
-  first pixel (QuPath, ImageJ), and subtracts 0.5.
+  first pixel (QuPath, ImageJ), and subtracts 0.5. A value that is not a finite number is a
+  DataError naming the line; duplicated points are dropped as `read_points` says.
   """
   path = pathlib.Path(path)
   text = _read_text(path)
@@ -79,18 +97,25 @@ def read_points_csv(path, *, origin: str = 'center') -> np.ndarray:
     raise DataError(f'{path}: empty point file; expected a header line with columns x,y')
   delimiter = '\t' if '\t' in lines[0] and ',' not in lines[0] else ','
   reader = csv.reader(lines, delimiter=delimiter)
-  header = [name.strip().lower() for name in next(reader)]
-  if 'x' not in header or 'y' not in header:
-    raise DataError(f'{path}: header {header} lacks columns x and y')
-  x_col, y_col = header.index('x'), header.index('y')
-  points = []
-  for line_number, row in enumerate(reader, start=2):
-    if not any(cell.strip() for cell in row):
-      continue  # blank line
-    try:
-      points.append((float(row[x_col]), float(row[y_col])))
-    except (IndexError, ValueError) as error:
-      raise DataError(f'{path}: line {line_number}: cannot read x,y from {row}') from error
+  try:
+    header = [name.strip().lower() for name in next(reader)]
+    if 'x' not in header or 'y' not in header:
+      raise DataError(f'{path}: header {_shorten(header)} lacks columns x and y')
+    x_col, y_col = header.index('x'), header.index('y')
+    points = []
+    for line_number, row in enumerate(reader, start=2):
+      if not any(cell.strip() for cell in row):
+        continue  # blank line
+      try:
+        x, y = float(row[x_col]), float(row[y_col])
+      except (IndexError, ValueError) as error:
+        raise DataError(
+            f'{path}: line {line_number}: cannot read x,y from {_shorten(row)}') from error
+      if not (math.isfinite(x) and math.isfinite(y)):
+        raise DataError(f'{path}: line {line_number}: non-finite point (x={x:g}, y={y:g})')
+      points.append((x, y))
+  except csv.Error as error:  # e.g. a field over the csv module's size limit
+    raise DataError(f'{path}: line {reader.line_num}: malformed CSV ({error})') from error
   return _finish(points, path, origin)
 
 
@@ -102,50 +127,118 @@ def read_points_geojson(path, *, origin: str = 'corner') -> np.ndarray:
   such geometries is an error, since it is probably not a point file. QuPath's coordinates have
   (0, 0) at the top-left corner of the first pixel, so the default `origin='corner'` subtracts 0.5
   to put them on the pixel-centre grid used here.
+
+  Every position must be a list of two (or more: an altitude is ignored) finite numbers; a string,
+  null, boolean, nested list or NaN / Infinity is a DataError naming the file and the feature
+  (its index in the document, and its id or name when it has one). A Feature with a null geometry
+  is skipped, as GeoJSON allows. Duplicated points are dropped as `read_points` says.
   """
   path = pathlib.Path(path)
   try:
     data = json.loads(_read_text(path))
-  except json.JSONDecodeError as error:
+  except ValueError as error:  # JSONDecodeError, or an integer over Python's digit limit
     raise DataError(f'{path}: not valid JSON ({error})') from error
+  except RecursionError as error:
+    raise DataError(f'{path}: JSON nested too deeply to be a point file') from error
   points, skipped = [], set()
-  for geometry in _geometries(data, path):
-    kind = geometry.get('type')
-    coordinates = geometry.get('coordinates')
-    if kind == 'Point':
-      coordinates = [coordinates]
-    elif kind != 'MultiPoint':
-      skipped.add(str(kind))
-      continue
-    for point in coordinates or []:
-      if not isinstance(point, (list, tuple)) or len(point) < 2:
-        raise DataError(f'{path}: malformed point coordinates {point!r}')
-      points.append((float(point[0]), float(point[1])))
+  try:
+    for where, geometry in _geometries(data, path, 'the document'):
+      kind = geometry.get('type')
+      coordinates = geometry.get('coordinates')
+      if kind == 'Point':
+        points.append(_position(coordinates, path, f'{where}: Point'))
+      elif kind == 'MultiPoint':
+        if not isinstance(coordinates, list):
+          raise DataError(f'{path}: {where}: MultiPoint coordinates must be a list of [x, y] '
+                          f'positions, found {_describe(coordinates)}')
+        for k, point in enumerate(coordinates):
+          points.append(_position(point, path, f'{where}: MultiPoint position {k}'))
+      else:
+        skipped.add(str(kind))
+  except RecursionError as error:
+    raise DataError(f'{path}: GeoJSON geometries nested too deeply') from error
   if not points and skipped:
-    raise DataError(f'{path}: no Point or MultiPoint geometry (found {sorted(skipped)})')
+    raise DataError(f'{path}: no Point or MultiPoint geometry (found {_shorten(sorted(skipped))})')
   return _finish(points, path, origin)
 
 
-def _geometries(data, path):
-  """Yields every geometry dict of a GeoJSON document (FeatureCollection, Features, geometries)."""
-  if isinstance(data, list):
-    for item in data:
-      yield from _geometries(item, path)
+def _geometries(data, path, where: str):
+  """Yields (where, geometry dict) for every geometry of a GeoJSON document; `where` names it."""
+  if isinstance(data, list) and where == 'the document':  # a bare list of Features
+    for index, item in enumerate(data):
+      yield from _geometries(item, path, _feature_name(item, index))
     return
   if not isinstance(data, dict):
-    raise DataError(f'{path}: expected GeoJSON objects, found {type(data).__name__}')
+    raise DataError(f'{path}: {where}: expected a GeoJSON object, found {_describe(data)}')
   kind = data.get('type')
   if kind == 'FeatureCollection':
-    yield from _geometries(data.get('features', []), path)
+    features = data.get('features', [])
+    if not isinstance(features, list):
+      raise DataError(f'{path}: {where}: FeatureCollection "features" must be a list, found '
+                      f'{_describe(features)}')
+    for index, item in enumerate(features):
+      yield from _geometries(item, path, _feature_name(item, index))
   elif kind == 'Feature':
-    if data.get('geometry'):
-      yield from _geometries(data['geometry'], path)
+    geometry = data.get('geometry')
+    if geometry is not None and geometry != {}:  # null geometry: an unlocated Feature, skipped
+      yield from _geometries(geometry, path, where if where != 'the document' else 'the Feature')
   elif kind == 'GeometryCollection':
-    yield from _geometries(data.get('geometries', []), path)
+    members = data.get('geometries', [])
+    if not isinstance(members, list):
+      raise DataError(f'{path}: {where}: GeometryCollection "geometries" must be a list, found '
+                      f'{_describe(members)}')
+    for index, item in enumerate(members):
+      yield from _geometries(item, path, f'{where}, geometry {index}')
   elif 'coordinates' in data:
-    yield data
+    yield where, data
   else:
-    raise DataError(f'{path}: unrecognised GeoJSON object of type {kind!r}')
+    raise DataError(f'{path}: {where}: unrecognised GeoJSON object of type {_shorten(kind)}')
+
+
+def _feature_name(feature, index: int) -> str:
+  """'feature 3', with its id or name when it has one: how messages point at a feature."""
+  name = f'feature {index}'
+  if isinstance(feature, dict):
+    label = feature.get('id')
+    properties = feature.get('properties')
+    if label is None and isinstance(properties, dict):
+      label = properties.get('name')
+    if isinstance(label, (str, int)) and not isinstance(label, bool):
+      name += f' (id {_shorten(label)})'
+  return name
+
+
+def _position(value, path, where: str) -> tuple[float, float]:
+  """(x, y) of a GeoJSON position [x, y(, z)]: finite numbers only, else DataError naming `where`."""
+  if not isinstance(value, list) or len(value) < 2:
+    raise DataError(f'{path}: {where}: coordinates must be [x, y], found {_describe(value)}')
+  numbers = []
+  for index, number in enumerate(value):
+    axis = ('x', 'y', 'z')[index] if index < 3 else f'value {index}'
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+      raise DataError(f'{path}: {where}: {axis} must be a number, found {_describe(number)}')
+    try:
+      number = float(number)
+    except OverflowError:  # an integer beyond the float range
+      number = math.inf
+    if not math.isfinite(number):
+      raise DataError(f'{path}: {where}: {axis} is {_shorten(value[index])}, expected a finite '
+                      'number')
+    numbers.append(number)
+  return numbers[0], numbers[1]
+
+
+def _describe(value) -> str:
+  """A short account of a JSON value for messages: its JSON type and (shortened) text."""
+  kinds = {str: 'string', list: 'list', dict: 'object', bool: 'boolean', type(None): 'null',
+           int: 'number', float: 'number'}
+  return f'{kinds.get(type(value), type(value).__name__)} {_shorten(value)}'
+
+
+def _shorten(value, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
 
 
 def check_points_inside(points: np.ndarray, shape, source: str) -> None:
@@ -176,7 +269,29 @@ def _read_text(path: pathlib.Path) -> str:
 def _finish(points, path, origin: str) -> np.ndarray:
   if origin not in ('center', 'corner'):
     raise ValueError(f"origin must be 'center' or 'corner', got {origin!r}")
-  array = np.asarray(points, np.float32).reshape(-1, 2)
+  with np.errstate(over='ignore'):
+    array = np.asarray(points, np.float64).astype(np.float32).reshape(-1, 2)
   if not np.all(np.isfinite(array)):
-    raise DataError(f'{path}: non-finite point coordinates')
-  return array - 0.5 if origin == 'corner' else array
+    k = int(np.argmax(~np.isfinite(array).all(axis=1)))
+    raise DataError(f'{path}: point {k} ({_shorten(tuple(points[k]))}) is out of float32 range')
+  array = array - 0.5 if origin == 'corner' else array
+  return _drop_duplicates(array, path)
+
+
+def _drop_duplicates(array: np.ndarray, path) -> np.ndarray:
+  """Keeps the first point of each pixel (rounded as `check_points_inside` does); warns if any."""
+  if len(array) < 2:
+    return array
+  pixels = np.floor(array.astype(np.float64) + 0.5)
+  _, first = np.unique(pixels, axis=0, return_index=True)
+  if len(first) == len(array):
+    return array
+  keep = np.sort(first)
+  repeated = np.setdiff1d(np.arange(len(array)), keep)[0]
+  same = int(np.nonzero((pixels[keep] == pixels[repeated]).all(axis=1))[0][0])
+  warnings.warn(
+      f'{path}: {len(array) - len(keep)} duplicated point(s) on the same pixel as an earlier '
+      f'point were dropped (e.g. point {repeated} at x={array[repeated, 0]:g}, '
+      f'y={array[repeated, 1]:g} repeats point {keep[same]}); {len(keep)} point(s) kept',
+      DuplicatePointsWarning, stacklevel=4)
+  return array[keep]

@@ -8,11 +8,15 @@ to 1..K so that gaps in the ids vanish (K = number of distinct nonzero ids). id 
 """
 
 
+import pathlib
+import struct
+import zlib
+
 import numpy as np
-import scipy.io
 
 from donuseg_jax.data import images
 from donuseg_jax.data.readers import common
+from donuseg_jax.data.readers import matfile
 
 SUBSETS = ('train', 'test')
 LAYOUT = ('CoNSeP/{Train,Test}/Images/<split>_N.png with '
@@ -40,17 +44,30 @@ def iter_examples(root, *, subset: str | None = None):
 
 
 def read_inst_map(path) -> np.ndarray:
-  """The (H, W) int32 `inst_map` of a CoNSeP .mat file."""
+  """The (H, W) int32 `inst_map` of a CoNSeP .mat file (MATLAB v5 / v7, compressed or not).
+
+  Read with `matfile` (a checked parser) rather than scipy.io.loadmat, whose compiled reader
+  crashes the process on some corrupted files instead of raising.
+  """
   try:
-    mat = scipy.io.loadmat(str(path), variable_names=['inst_map'])
-  except Exception as error:  # scipy raises several types for truncated or foreign files
-    raise images.DataError(f'{path}: cannot read .mat file ({type(error).__name__}: {error})') from error
-  if 'inst_map' not in mat:
+    data = pathlib.Path(path).read_bytes()
+  except OSError as error:
+    raise images.DataError(f'{path}: cannot read .mat file ({error})') from error
+  try:
+    inst_map = matfile.read_variable(data, 'inst_map')
+  except (ValueError, struct.error, zlib.error, MemoryError) as error:
+    raise images.DataError(f'{path}: cannot read .mat file ({error})') from error
+  if inst_map is None:
     raise images.DataError(f'{path}: no inst_map variable')
-  inst_map = np.asarray(mat['inst_map'])
   if inst_map.ndim != 2:
     raise images.DataError(f'{path}: inst_map has shape {inst_map.shape}, expected (H, W)')
-  return np.round(inst_map).astype(np.int32)  # some copies store it as float
+  if inst_map.dtype.kind == 'f':  # some copies store it as float
+    if not np.all(np.isfinite(inst_map)):
+      raise images.DataError(f'{path}: inst_map holds NaN or infinite values')
+    inst_map = np.round(inst_map)
+  if inst_map.size and (inst_map.min() < 0 or inst_map.max() > np.iinfo(np.int32).max):
+    raise images.DataError(f'{path}: inst_map ids outside 0..{np.iinfo(np.int32).max}')
+  return inst_map.astype(np.int32)
 
 
 def _split_dirs(root) -> dict:
