@@ -2,8 +2,10 @@
 
 Runs the network once per window (outputs are memoised), then evaluates every combination of
 `--methods` and `--thresholds` with the same probabilities and detections, and writes
-DIR/select_instances_<split>.json with the table and the best combination by mean AJI. The test
-fold is never looked at.
+DIR/select_instances_<split>.json with the table and the best combination by `--select_by`:
+`point_f1` (default: the validation clicks only, no true mask, as the training's checkpoint
+selection) or a mask metric such as `aji` (the fully supervised protocol). The test fold is never
+looked at.
 
   python experiments/select_instances.py --workdir runs/tnbc_lite_fold0 [--split val]
 """
@@ -48,6 +50,7 @@ def main() -> None:
   parser.add_argument('--split', default='val', choices=['val'])  # selection never sees test
   parser.add_argument('--methods', default='boxes,watershed')
   parser.add_argument('--thresholds', default='0.5,0.3,0.2,0.1,0.05')
+  parser.add_argument('--select_by', default='point_f1', help='point_f1 (no masks) | aji | dice | pq')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   config, graphdef, params, batch_stats = train.load_trained_model(workdir, which='best')
@@ -65,17 +68,19 @@ def main() -> None:
                    'aggregate': result['aggregate'], 'seconds': time.perf_counter() - start})
       print(f"{method:9s} threshold {threshold:4.2f}  " +
             '  '.join(f"{k} {v:.4f}" for k, v in result['mean'].items()), flush=True)
-  best = max(rows, key=lambda r: r['mean']['aji'])
+  best = max(rows, key=lambda r: r['mean'][args.select_by])
   commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
                           text=True).stdout.strip()
   record = {'workdir': str(workdir), 'split': args.split, 'images': len(examples),
             'command': ' '.join(sys.argv), 'commit': commit, 'rows': rows,
+            'select_by': args.select_by,
             'best': {'method': best['method'], 'score_threshold': best['score_threshold'],
-                     'aji': best['mean']['aji']}}
+                     args.select_by: best['mean'][args.select_by], 'aji': best['mean']['aji']}}
   path = workdir / f'select_instances_{args.split}.json'
   path.write_text(json.dumps(record, indent=2) + '\n')
-  print(f"best by validation AJI: {best['method']} at threshold {best['score_threshold']} "
-        f"(AJI {best['mean']['aji']:.4f}); wrote {path}")
+  print(f"best by validation {args.select_by}: {best['method']} at threshold "
+        f"{best['score_threshold']} ({args.select_by} {best['mean'][args.select_by]:.4f}, AJI "
+        f"{best['mean']['aji']:.4f}); wrote {path}")
 
 
 if __name__ == '__main__':
