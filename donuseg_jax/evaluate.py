@@ -5,7 +5,7 @@
 
 The network comes from the run (DIR/config.json and its best, or latest, checkpoint); data and eval
 settings from --config if given (e.g. --config.eval.instance_method=watershed), else from the run.
-Writes DIR/eval_<split>_<protocol>.json.
+Writes DIR/eval_<split>_<protocol>.json (atomically), or --output; nothing else in DIR is touched.
 
 Protocols: `image` scores stitched whole-image predictions against whole ground-truth maps;
 `patch` cuts both the whole-image prediction and the ground truth into 256 x 256 crops at stride
@@ -16,7 +16,7 @@ validation (`Validator`).
 """
 
 import functools
-import json
+import os
 import pathlib
 import sys
 import time
@@ -30,7 +30,10 @@ from absl import logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from donuseg_jax import atomic_io
+from donuseg_jax import cli
 from donuseg_jax import metrics
+from donuseg_jax import trained_run
 from donuseg_jax.data import patches
 from donuseg_jax.inference import predictor
 
@@ -156,13 +159,20 @@ def format_table(result: dict) -> str:
 
 
 def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which: str = 'best',
-                     config: ml_collections.ConfigDict | None = None) -> dict:
-  """Loads a run, evaluates one split, writes DIR/eval_<split>_<protocol>.json; returns the dict."""
-  from donuseg_jax import train  # noqa: PLC0415 (imports JAX and the model)
+                     config: ml_collections.ConfigDict | None = None,
+                     output: str | pathlib.Path | None = None) -> dict:
+  """Loads a run, evaluates one split, writes DIR/eval_<split>_<protocol>.json (or `output`);
+  returns the dict. The output folder is checked before the (long) evaluation starts."""
   from donuseg_jax.data import folds  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
-  run_config, graphdef, params, batch_stats = train.load_trained_model(workdir, which=which)
+  run = trained_run.load(workdir, which=which)
+  run_config, graphdef, params, batch_stats = run.config, run.graphdef, run.params, run.batch_stats
+  protocol = protocol or (config or run_config).eval.protocol
+  path = pathlib.Path(output) if output else workdir / f'eval_{split}_{protocol}.json'
+  if not os.access(path.parent, os.W_OK):
+    raise cli.CommandError(f'cannot write {path}: its folder is missing or read-only'
+                           + ('' if output else '; pass --output=FILE.json'))
   config = run_config if config is None else config
   for key in ('name', 'fold', 'split_scheme'):
     if config.data[key] != run_config.data[key]:
@@ -172,9 +182,9 @@ def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which:
   predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats)
   result = evaluate_examples(examples, predict_windows=predict_windows, config=config,
                              protocol=protocol)
-  result.update(split=split, checkpoint=which, dataset=config.data.name, fold=config.data.fold)
-  path = workdir / f"eval_{split}_{result['protocol']}.json"
-  path.write_text(json.dumps(result, indent=2) + '\n')
+  result.update(split=split, checkpoint=run.which, step=run.step, dataset=config.data.name,
+                fold=config.data.fold)
+  atomic_io.write_json(path, result)
   result['path'] = str(path)
   return result
 
@@ -191,6 +201,8 @@ def define_flags() -> dict:
       'protocol': flags.DEFINE_enum('protocol', None, ['image', 'patch'],
                                     'Evaluation protocol (default: config.eval.protocol).'),
       'which': flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint to load.'),
+      'output': flags.DEFINE_string('output', None,
+                                    'Result JSON (default: WORKDIR/eval_<split>_<protocol>.json).'),
   }
 
 
@@ -201,8 +213,9 @@ def main(argv, *, holders: dict) -> None:
     raise app.UsageError('--workdir is required')
   result = evaluate_workdir(holders['workdir'].value, split=holders['split'].value,
                             protocol=holders['protocol'].value, which=holders['which'].value,
-                            config=holders['config'].value)
-  print(f"{result['dataset']} fold {result['fold']}, split {result['split']}, protocol "
+                            config=holders['config'].value, output=holders['output'].value)
+  print(f"{result['dataset']} fold {result['fold']}, split {result['split']}, {result['checkpoint']} "
+        f"checkpoint (step {result['step']}), protocol "
         f"{result['protocol']}, {len(result['per_image'])} images / {result['units']} units, "
         f"instances by {result['method']}")
   print(format_table(result))
@@ -211,4 +224,4 @@ def main(argv, *, holders: dict) -> None:
 
 
 if __name__ == '__main__':
-  app.run(functools.partial(main, holders=define_flags()))
+  cli.run_absl(functools.partial(main, holders=define_flags()))

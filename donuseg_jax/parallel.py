@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from donuseg_jax import cli
+
 DATA_AXIS = 'data'
 
 
@@ -47,7 +49,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   if global_batch % mesh.size:
-    raise ValueError(
+    raise cli.UsageError(
         f'batch size {global_batch} does not divide over {mesh.size} devices; '
         f'set --config.data.batch_size to a multiple of {mesh.size}')
 

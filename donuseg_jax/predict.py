@@ -234,8 +234,8 @@ def main(argv=None) -> int:
   if not (pathlib.Path(args.workdir) / 'config.json').is_file():
     print(f'error: {args.workdir} is not a training work dir (no config.json)', file=sys.stderr)
     return 2
-  from donuseg_jax import train  # noqa: PLC0415 (imports JAX and the model)
-  config, graphdef, params, batch_stats = train.load_trained_model(args.workdir, which=args.which)
+  from donuseg_jax import trained_run  # noqa: PLC0415 (imports JAX and the model)
+  config, graphdef, params, batch_stats = trained_run.load_trained_model(args.workdir, which=args.which)
   if args.instance_method:
     config.eval.instance_method = args.instance_method
   if args.batch_size:

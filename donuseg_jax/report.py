@@ -3,14 +3,14 @@
 The best checkpoint was chosen on the validation fold; the test fold is only reported here.
 """
 
-import json
 import pathlib
 
 from absl import logging
 
+from donuseg_jax import atomic_io
 from donuseg_jax import evaluate
 from donuseg_jax import predict
-from donuseg_jax import train
+from donuseg_jax import trained_run
 from donuseg_jax.data import folds
 from donuseg_jax.inference import predictor
 
@@ -18,7 +18,7 @@ from donuseg_jax.inference import predictor
 def write_final_report(workdir: str | pathlib.Path) -> dict:
   """Writes DIR/eval_test_<protocol>.json, DIR/overlays/<id>.*, and returns the test metrics."""
   workdir = pathlib.Path(workdir)
-  config, graphdef, params, batch_stats = train.load_trained_model(workdir, which='best')
+  config, graphdef, params, batch_stats = trained_run.load_trained_model(workdir, which='best')
   examples = folds.load_fold_examples(config)['test']
   if not examples:
     print(f'test step skipped: {config.data.name} ({config.data.split_scheme} scheme) has no test '
@@ -31,7 +31,7 @@ def write_final_report(workdir: str | pathlib.Path) -> dict:
                                       protocol=config.eval.protocol)
   result.update(split='test', checkpoint='best', dataset=config.data.name, fold=config.data.fold)
   path = workdir / f"eval_test_{result['protocol']}.json"
-  path.write_text(json.dumps(result, indent=2) + '\n')
+  atomic_io.write_json(path, result)
   print(f'test fold {config.data.fold} of {config.data.name} ({len(examples)} images), best checkpoint:')
   print(evaluate.format_table(result))
 

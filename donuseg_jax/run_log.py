@@ -1,8 +1,17 @@
-"""What a training run writes as it goes: metrics.jsonl, TensorBoard events (if installed)."""
+"""What a training run writes as it goes: metrics.jsonl, TensorBoard events (if installed).
+
+metrics.jsonl is appended one line per record. A resumed run first cuts it back to the restored
+step (`truncate_after`, an atomic rewrite), so that each step's records appear once; a line torn
+by a kill is dropped there and skipped by `read_metrics`.
+"""
 
 import json
 import math
 import pathlib
+
+from donuseg_jax import atomic_io
+
+METRICS_NAME = 'metrics.jsonl'
 
 
 class MetricsWriter:
@@ -10,7 +19,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+    self.path = pathlib.Path(workdir) / METRICS_NAME
     self._tb = _tensorboard_writer(pathlib.Path(workdir) / 'tensorboard') if enabled else None
 
   def write(self, step: int, scalars: dict) -> None:
@@ -31,10 +40,38 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  """Every complete record of DIR/metrics.jsonl, in file order."""
+  return _read_records(pathlib.Path(workdir) / METRICS_NAME)
+
+
+def truncate_after(workdir: str | pathlib.Path, step: int) -> int:
+  """Keeps only the records of steps <= `step` (a run resumed from that step), atomically.
+
+  Returns how many records were dropped."""
+  path = pathlib.Path(workdir) / METRICS_NAME
+  if not path.exists():
+    return 0
+  records = _read_records(path)
+  kept = [r for r in records if int(r.get('step', 0)) <= step]
+  lines = path.read_text().splitlines()
+  if len(kept) == len(records) and len(lines) == len(records):
+    return 0
+  atomic_io.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+  return len(records) - len(kept)
+
+
+def _read_records(path: pathlib.Path) -> list[dict]:
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:  # a line torn by a kill (only the last can be): not a record
+      continue
+  return records
 
 
 def _jsonable(value):

@@ -3,11 +3,12 @@
 The step is compiled once: static things (graph definition, optimiser, config) are bound with
 `functools.partial`, the batch is sharded along the mesh's 'data' axis, the state is replicated and
 donated. The loop is a visible `for step in ...`: it logs, evaluates on the validation fold,
-checkpoints, and stops at once on a non-finite loss. Rerun with the same work dir and it resumes.
+checkpoints, and stops at once on a non-finite loss or gradient. Rerun with the same work dir and
+it resumes: from the newest intact checkpoint, and only if the config still fits the run
+(`trained_run.check_compatible`); `config.json` is (re)written only once that is known.
 """
 
 import functools
-import json
 import pathlib
 import signal
 import time
@@ -23,12 +24,15 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from donuseg_jax import atomic_io
 from donuseg_jax import checkpoints
 from donuseg_jax import diagnostics
+from donuseg_jax import evaluate
 from donuseg_jax import losses
 from donuseg_jax import models
 from donuseg_jax import parallel
 from donuseg_jax import run_log
+from donuseg_jax import trained_run
 from donuseg_jax.data import folds
 from donuseg_jax.data import pipeline
 
@@ -42,7 +46,7 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a non-finite loss; the last good checkpoint is left as it was."""
+  """Training produced a non-finite loss or gradient; the last good checkpoint is left as it was."""
 
 
 def create_learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -118,17 +122,21 @@ def compile_train_step(mesh, *, graphdef, tx, schedule, config, steps_per_epoch)
                  donate_argnums=0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains on the train fold, selects on the val fold, reports the test fold. Resumes from workdir."""
-  from donuseg_jax import evaluate  # noqa: PLC0415 (host-side inference and metrics)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains on the train fold, selects on the val fold, reports the test fold. Resumes from workdir.
 
+  Nothing in workdir is touched until the config, the devices and the data are known to fit:
+  a work dir holding a run of another config raises trained_run.RunError listing the differences
+  (`allow_config_change` lets the safe ones through, trained_run.SAFE_CHANGES).
+  """
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.data.batch_size, mesh)
+  changes = trained_run.check_compatible(workdir, config, allow_changes=allow_config_change)
+  for key, old, new in changes:
+    logging.warning('continuing %s with %s = %r (was %r)', workdir, key, new, old)
 
   fold = folds.load_fold_examples(config)
   batches = pipeline.TrainBatches(pipeline.prepare_images(fold['train'], config=config),
@@ -142,9 +150,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    state, _ = ckpts.restore(_abstract(state), which='latest')
+    restored = ckpts.restore_intact(_abstract(state), which='latest')
+    ckpts.set_aside(restored.damaged)  # so that those steps can be saved again
+    state = restored.state
     logging.info('resumed from step %d in %s', int(state.step), workdir)
   start = int(state.step)
+  if is_main:  # the run is known to fit: record its config; forget what came after the restore
+    atomic_io.write_text(trained_run.config_path(workdir), trained_run.config_json(config))
+    run_log.truncate_after(workdir, start)
   step_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
                                steps_per_epoch=steps_per_epoch)
   writer = run_log.MetricsWriter(workdir, enabled=is_main)
@@ -207,39 +220,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def load_trained_model(workdir: str | pathlib.Path, *, which: str = 'best'):
-  """(config, graphdef, params, batch_stats) of a run's best (or latest) checkpoint."""
-  workdir = pathlib.Path(workdir)
-  config_path = workdir / 'config.json'
-  if not config_path.exists():
-    raise FileNotFoundError(f'{config_path} not found: is {workdir} a training work dir?')
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  config.model.pretrained = ''  # the checkpoint holds every weight; no need for the ImageNet file
-  graphdef, state, _, _ = create_train_state(config, total_steps=1)
-  ckpts = checkpoints.RunCheckpoints(workdir, async_save=False)
-  try:
-    if which == 'best' and ckpts.best_step() is None:
-      which = 'latest'  # a run stopped before its first evaluation has no best yet
-    state, _ = ckpts.restore(_abstract(state), which=which)
-  finally:
-    ckpts.close()
-  return config, graphdef, state.params, state.batch_stats
-
-
 def _abstract(state: TrainState):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), state)
 
 
 def _check_finite(step: int, metrics: dict) -> None:
-  loss = float(jax.device_get(metrics['loss']))
-  if np.isfinite(loss):
+  """The loss and the gradient norm (non-finite if any gradient is) of `step` must be finite: a
+  finite loss can still have NaN gradients, and one such update poisons every parameter."""
+  loss, grad_norm = (float(v) for v in jax.device_get((metrics['loss'], metrics['grad_norm'])))
+  if np.isfinite(loss) and np.isfinite(grad_norm):
     return
-  terms = {k: float(v) for k, v in jax.device_get(metrics).items()
-           if k.startswith('loss') and not np.isfinite(float(v))}
+  advice = ('training stopped, the last saved checkpoint is intact (rerun resumes from it; '
+            'consider a lower --config.optim.learning_rate)')
+  if not np.isfinite(loss):
+    terms = {k: float(v) for k, v in jax.device_get(metrics).items()
+             if k.startswith('loss') and not np.isfinite(float(v))}
+    raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}; {advice}')
   raise NonFiniteLossError(
-      f'non-finite loss at step {step}: {terms}; training stopped, the last saved checkpoint is '
-      'intact (rerun resumes from it; consider a lower --config.optim.learning_rate)')
+      f'non-finite gradients at step {step} (grad_norm={grad_norm}) with a finite loss '
+      f'({loss:.6g}); {advice}')
 
 
 class _StopRequest:

@@ -24,7 +24,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from donuseg_jax import evaluate  # noqa: E402
-from donuseg_jax import train  # noqa: E402
+from donuseg_jax import trained_run  # noqa: E402
 from donuseg_jax.data import folds  # noqa: E402
 from donuseg_jax.inference import predictor  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
   parser.add_argument('--select_by', default='point_f1', help='point_f1 (no masks) | aji | dice | pq')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
-  config, graphdef, params, batch_stats = train.load_trained_model(workdir, which='best')
+  config, graphdef, params, batch_stats = trained_run.load_trained_model(workdir, which='best')
   examples = folds.load_fold_examples(config)[args.split]
   predict_windows = memoised(predictor.make_predict_windows(graphdef, params, batch_stats))
   rows = []

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from donuseg_jax import checkpoints
 
@@ -20,7 +21,7 @@ def test_latest_keeps_the_last_few_and_restores_meta(tmp_path):
   for step in (1, 2, 3):
     ckpts.save_latest(step, _state(step), {'step': step})
   ckpts.wait()
-  assert ckpts.latest.all_steps() == [2, 3]
+  assert ckpts.steps('latest') == [2, 3]
   state, meta = ckpts.restore(_abstract(_state(0)), which='latest')
   np.testing.assert_array_equal(state['w'], np.full((3, 2), 3.0))
   assert meta == {'step': 3}
@@ -44,10 +45,7 @@ def test_best_follows_validation_aji_not_recency(tmp_path):
 
 def test_restore_without_checkpoint_names_the_folder(tmp_path):
   ckpts = checkpoints.RunCheckpoints(tmp_path)
-  try:
+  with pytest.raises(checkpoints.CheckpointError) as error:
     ckpts.restore(_abstract(_state(0)), which='latest')
-  except FileNotFoundError as error:
-    assert 'latest' in str(error) and str(tmp_path) in str(error)
-  else:
-    raise AssertionError('expected FileNotFoundError')
+  assert 'latest' in str(error.value) and str(tmp_path) in str(error.value)
   ckpts.close()

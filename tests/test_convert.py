@@ -204,3 +204,46 @@ def test_reads_pth_and_safetensors(resnet50_files, tmp_path):
     safetensors_numpy.save_file(state, str(tmp_path / 'weights.safetensors'))
     again = convert.read_state_dict(tmp_path / 'weights.safetensors')
     assert set(again) == set(state)
+
+
+class _NotATensor:
+  """A pickled Python object: torch's weights_only loader refuses it."""
+
+
+def _convert_cli(capsys, *argv):
+  from donuseg_jax import cli  # noqa: PLC0415
+  status = cli.run(convert.main, list(map(str, argv)))
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def test_converter_errors_are_one_message_and_status_2(tmp_path, capsys):
+  missing = tmp_path / 'missing.pth'
+  status, _, err = _convert_cli(capsys, missing, tmp_path / 'out.npz')
+  assert status == 2 and err.strip() == f'error: {missing}: no such file'
+  holding_list = tmp_path / 'list.pth'
+  torch.save([torch.zeros(2)], holding_list)
+  status, _, err = _convert_cli(capsys, holding_list, tmp_path / 'out.npz')
+  assert status == 2 and 'holds a list, not a state dict' in err and 'Traceback' not in err
+  unsafe = tmp_path / 'unsafe.pth'
+  torch.save({'conv1.weight': torch.zeros(1), 'extra': _NotATensor()}, unsafe)
+  status, _, err = _convert_cli(capsys, unsafe, tmp_path / 'out.npz')
+  assert status == 2 and 'unsafe to unpickle' in err and 'weights_only=False' not in err, err
+  garbage = tmp_path / 'garbage.pth'
+  garbage.write_bytes(b'\x80\x02not a torch file')
+  status, _, err = _convert_cli(capsys, garbage, tmp_path / 'out.npz')
+  assert status == 2 and str(garbage) in err and len(err.strip().splitlines()) <= 3, err
+  assert not (tmp_path / 'out.npz').exists()
+
+
+def test_data_parallel_prefix_is_removed(tmp_path, capsys):
+  net = _torch_resnet('resnet18')
+  wrapped = tmp_path / 'data_parallel.pth'
+  torch.save({f'module.{k}': v for k, v in net.state_dict().items()}, wrapped)
+  status, out, err = _convert_cli(capsys, wrapped, tmp_path / 'r18.npz')
+  assert status == 0, err
+  assert "prefix 'module.'" in out and 'resnet18' in out
+  with np.load(tmp_path / 'r18.npz') as data:
+    expected = convert.convert_state_dict({k: v.numpy() for k, v in net.state_dict().items()})
+    assert sorted(data.files) == sorted(expected)
+    np.testing.assert_array_equal(data['encoder/conv1/kernel'], expected['encoder/conv1/kernel'])

@@ -10,6 +10,7 @@ from scipy import ndimage
 from configs import default
 from donuseg_jax import evaluate
 from donuseg_jax import metrics
+from donuseg_jax import trained_run
 from donuseg_jax.data import patches
 from donuseg_jax.inference import predictor
 from test_predict import TNBC_IMAGE, DarknessNet, write_smoke_run
@@ -91,7 +92,7 @@ def test_evaluate_command_and_validator_on_a_smoke_run(tmp_path, tfds_dir):
   assert set(saved['mean']) == {*metrics.METRIC_NAMES, 'point_f1'}
   assert set(result['aggregate']) == set(metrics.METRIC_NAMES)
   # Training's validation: the same numbers, from parameters replicated over the 4-device mesh.
-  _, graphdef, params, batch_stats = train.load_trained_model(workdir, which='latest')
+  _, graphdef, params, batch_stats = trained_run.load_trained_model(workdir, which='latest')
   replicated = parallel.replicated(parallel.create_mesh())
   params, batch_stats = jax.device_put((params, batch_stats), replicated)
   validator = evaluate.Validator(folds.load_fold_examples(config)['val'], graphdef=graphdef,

@@ -127,7 +127,7 @@ def test_monuseg_official_without_test_folder_trains_and_skips_the_test(data_roo
   assert {k: len(v) for k, v in fold.items()} == {'train': 10, 'val': 3, 'test': 0}
   assert not {e['id'] for e in fold['train']} & {e['id'] for e in fold['val']}
   # The report's test step: a clear line instead of an error, and no eval file.
-  monkeypatch.setattr(report.train, 'load_trained_model',
+  monkeypatch.setattr(report.trained_run, 'load_trained_model',
                       lambda workdir, which: (config, None, None, None))
   assert report.write_final_report(data_root / 'nonexistent') == {}
   assert 'test step skipped' in capsys.readouterr().out

@@ -15,6 +15,7 @@ from configs import demo
 from donuseg_jax import parallel
 from donuseg_jax import run_log
 from donuseg_jax import train
+from donuseg_jax import trained_run
 from donuseg_jax.data import folds
 from donuseg_jax.data import pipeline
 
@@ -81,7 +82,9 @@ def test_train_resume_and_best_checkpoint(tmp_path):
   workdir = tmp_path / 'run'
   first = train.train_and_evaluate(_smoke_config(max_steps=2), workdir)
   assert first['steps'] == 2 and first['latest_step'] == 2
-  second = train.train_and_evaluate(_smoke_config(max_steps=4), workdir)
+  with pytest.raises(trained_run.RunError, match=r'train\.max_steps: 2 in the run, 4 now'):
+    train.train_and_evaluate(_smoke_config(max_steps=4), workdir)  # a longer run: only if asked
+  second = train.train_and_evaluate(_smoke_config(max_steps=4), workdir, allow_config_change=True)
   assert second['steps'] == 4
   records = run_log.read_metrics(workdir)
   steps = [r['step'] for r in records if 'loss' in r]
@@ -89,7 +92,7 @@ def test_train_resume_and_best_checkpoint(tmp_path):
   vals = {r['step']: r['val/point_f1'] for r in records if 'val/aji' in r}
   assert set(vals) == {2, 4}  # evaluated at the end of each run
   # test_best_checkpoint_of_a_learning_run checks the choice where the scores differ.
-  config, _, params, batch_stats = train.load_trained_model(workdir, which='best')
+  config, _, params, batch_stats = trained_run.load_trained_model(workdir, which='best')
   assert config.data.name == 'synthetic' and jax.tree.leaves(params)
   assert json.loads((workdir / 'config.json').read_text())['train']['max_steps'] == 4
 
@@ -179,5 +182,5 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tm
   latest = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'latest').iterdir()
                   if p.name.isdigit())
   assert latest == [2]
-  _, _, params, _ = train.load_trained_model(workdir, which='latest')
+  _, _, params, _ = trained_run.load_trained_model(workdir, which='latest')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

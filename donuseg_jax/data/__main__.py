@@ -2,8 +2,8 @@
 
 Prints one JSON object: images, instances and points over every split found, the same per split,
 image sizes, and for polygon-annotated datasets (MoNuSeg, CryoNuSeg ROIs) the regions dropped as
-degenerate or covered. Preparing the TFDS files on first use logs to stderr; stdout holds only
-the JSON.
+degenerate or covered. stdout holds only the JSON. When a file is bad, every bad file of the
+dataset is listed on stderr (one pass over the raw files), not only the first; exit status 2.
 """
 
 import argparse
@@ -12,8 +12,13 @@ import sys
 
 import numpy as np
 
+from donuseg_jax import cli
 from donuseg_jax.data import datasets
 from donuseg_jax.data import images
+from donuseg_jax.data.readers import consep
+from donuseg_jax.data.readers import cryonuseg
+from donuseg_jax.data.readers import monuseg
+from donuseg_jax.data.readers import tnbc
 
 
 def summarize(name: str, *, data_root=None, tfds_dir=None, synthetic_images: int = 40,
@@ -52,6 +57,23 @@ def summarize(name: str, *, data_root=None, tfds_dir=None, synthetic_images: int
   return summary
 
 
+def find_faults(name: str, *, data_root=None) -> list[str]:
+  """Every problem with the raw files of dataset `name`, one message (naming the file) each."""
+  if name == 'synthetic':
+    return []
+  try:
+    root = datasets.raw_dir(name, data_root=data_root)
+    if name == 'tnbc':
+      return tnbc.find_faults(root)
+    if name == 'consep':
+      return consep.find_faults(root)
+    if name == 'monuseg':
+      return [f for s in monuseg.available_subsets(root) for f in monuseg.find_faults(root, subset=s)]
+    return cryonuseg.find_faults(root)
+  except images.DataError as error:  # the layout itself is wrong: nothing further to check
+    return [str(error)]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m donuseg_jax.data',
                                    description=__doc__.split('\n')[0])
@@ -72,11 +94,17 @@ def main(argv=None) -> int:
                        synthetic_images=args.synthetic_images, synthetic_size=args.synthetic_size,
                        download=args.download)
   except images.DataError as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 2
+    faults = find_faults(args.dataset, data_root=args.data_dir or None) or [str(error)]
+    if len(faults) == 1:
+      print(f'error: {faults[0]}', file=sys.stderr)
+    else:
+      print(f'error: {len(faults)} problems with the {args.dataset} files:', file=sys.stderr)
+      for fault in faults:
+        print(f'  {fault}', file=sys.stderr)
+    return cli.EXIT_BAD_INPUT
   print(json.dumps(result, indent=1))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -12,21 +12,27 @@ model: 'encoder/conv1/kernel' (7, 7, 3, 64) HWIO, 'encoder/bn1/scale', 'encoder/
 'encoder/bn1/mean', 'encoder/bn1/var', 'encoder/layer1/0/conv2/kernel', ...,
 'encoder/layer2/0/downsample/0/kernel', 'encoder/layer2/0/downsample/1/scale', ...; plus
 '__encoder__' = the preset name. `load_pretrained` sets exactly these; the heads keep their init.
-`fc.*` and `*.num_batches_tracked` are dropped. Unknown, missing or mis-shaped keys are a
-ValueError that lists all of them (converter and loader alike).
+`fc.*` and `*.num_batches_tracked` are dropped; the `module.` prefix of a model saved from
+`nn.DataParallel` is removed. Unknown, missing or mis-shaped keys are a ConversionError (a
+ValueError) that lists all of them (converter and loader alike). At the command line every
+expected problem (missing file, not a state dict, an unsafe pickle) is one message, exit status 2.
 """
 
 import argparse
 import pathlib
+import pickle
 import re
 import sys
 
 from flax import nnx
 import numpy as np
 
+from donuseg_jax import atomic_io
+from donuseg_jax import cli
 from donuseg_jax.models import resnet
 
 ENCODER_KEY = '__encoder__'
+DATA_PARALLEL_PREFIX = 'module.'
 PREFIX = 'encoder/'
 # torchvision module path (group 1) and parameter (last group) of every encoder tensor.
 _TORCH_KEY = re.compile(
@@ -35,6 +41,10 @@ _TORCH_KEY = re.compile(
 _DROPPED = re.compile(r'^fc\.(weight|bias)$|\.num_batches_tracked$')
 _BN_NAMES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 _TORCH_BN_NAMES = {v: k for k, v in _BN_NAMES.items()}
+
+
+class ConversionError(cli.CommandError, ValueError):
+  """The input is not a torchvision ResNet state dict this converter can use."""
 
 
 def _is_conv(module: str) -> bool:
@@ -93,7 +103,7 @@ def detect_encoder(keys) -> str:
   for name, preset in resnet.PRESETS.items():
     if preset.bottleneck == bottleneck and preset.blocks == tuple(blocks):
       return name
-  raise ValueError(f'state dict matches no encoder preset (blocks per stage {blocks}, '
+  raise ConversionError(f'state dict matches no encoder preset (blocks per stage {blocks}, '
                    f'bottleneck {bottleneck}); expected one of {sorted(resnet.PRESETS)}')
 
 
@@ -109,11 +119,12 @@ def _check(arrays: dict[str, np.ndarray], expected: dict[str, tuple], *, unknown
               for title, items in (('unknown keys', unknown), ('missing keys', missing),
                                    ('mis-shaped keys (torch layout)', misshaped)) if items]
   if problems:
-    raise ValueError(f'{source} does not fit the encoder:\n  ' + '\n  '.join(problems))
+    raise ConversionError(f'{source} does not fit the encoder:\n  ' + '\n  '.join(problems))
 
 
 def convert_state_dict(state_dict: dict, *, encoder: str | None = None) -> dict[str, np.ndarray]:
   """torchvision ResNet state dict (name -> array/tensor) -> the .npz contents described above."""
+  state_dict = strip_data_parallel_prefix(state_dict)
   keys = [k for k in state_dict if not _DROPPED.search(k)]
   name = encoder or detect_encoder(keys)
   arrays, unknown = {}, []
@@ -128,13 +139,21 @@ def convert_state_dict(state_dict: dict, *, encoder: str | None = None) -> dict[
   return arrays
 
 
+def strip_data_parallel_prefix(state_dict: dict) -> dict:
+  """Keys of a model wrapped in nn.DataParallel start with 'module.': drop it when all do."""
+  if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+    return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+  return state_dict
+
+
 def load_pretrained(model: nnx.Module, path: str | pathlib.Path) -> None:
   """Sets `model.encoder`'s weights and BatchNorm statistics from a converted .npz, in place."""
   with np.load(path) as data:
     arrays = {k: data[k] for k in data.files}
   name = str(arrays.pop(ENCODER_KEY, model.encoder.name))
   if name != model.encoder.name:
-    raise ValueError(f'{path} holds {name} weights but config.model.encoder is {model.encoder.name!r}')
+    raise ConversionError(
+        f'{path} holds {name} weights but config.model.encoder is {model.encoder.name!r}')
   _check(arrays, encoder_shapes(model.encoder.name), unknown=[], source=str(path))
   state = nnx.state(model.encoder)
   flat = [(path_, var.replace(np.asarray(arrays[PREFIX + '/'.join(str(p) for p in path_)],
@@ -144,8 +163,13 @@ def load_pretrained(model: nnx.Module, path: str | pathlib.Path) -> None:
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """A .pth (torch, weights_only) or .safetensors state dict as numpy arrays."""
+  """A .pth (torch, weights_only) or .safetensors state dict as numpy arrays.
+
+  ConversionError naming the file when it is missing, unreadable, unsafe to unpickle, or holds
+  something other than a dict of tensors."""
   path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConversionError(f'{path}: no such file')
   if path.suffix == '.safetensors':
     try:
       from safetensors import numpy as safetensors_numpy  # optional dependency
@@ -157,13 +181,30 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     import torch  # only the converter needs it (test extra)
   except ImportError:
     raise ImportError(f'reading {path} needs torch (pip install torch)') from None
-  obj = torch.load(str(path), map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(str(path), map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as error:
+    raise ConversionError(
+        f'{path} holds Python objects besides tensors, which are unsafe to unpickle (torch '
+        'weights_only=True refused them); where the file was made, save model.state_dict() '
+        'with torch.save and convert that') from error
+  except Exception as error:  # torch raises RuntimeError, EOFError, ... on damaged files
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ConversionError(f'{path}: not a readable torch file ({first})') from error
   if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
     obj = obj['state_dict']
+  if not isinstance(obj, dict):
+    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a state dict '
+                          '(a dict of parameter name -> tensor)')
+  not_tensors = sorted(str(k) for k, v in obj.items()
+                       if not isinstance(v, (torch.Tensor, np.ndarray)))
+  if not_tensors:
+    raise ConversionError(f'{path}: not a state dict of tensors; these entries are not tensors: '
+                          + ', '.join(not_tensors[:10]) + (' ...' if len(not_tensors) > 10 else ''))
   return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('input', help='torchvision state dict (.pth or .safetensors)')
@@ -173,11 +214,16 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if not args.output.endswith('.npz'):
     parser.error('OUTPUT must end in .npz')
-  arrays = convert_state_dict(read_state_dict(args.input), encoder=args.encoder)
-  np.savez(args.output, **arrays)
+  state_dict = read_state_dict(args.input)
+  if strip_data_parallel_prefix(state_dict) is not state_dict:
+    print(f"note: removed the nn.DataParallel prefix '{DATA_PARALLEL_PREFIX}' from every key")
+  arrays = convert_state_dict(state_dict, encoder=args.encoder)
+  with atomic_io.atomic_open(args.output, 'wb') as stream:
+    np.savez(stream, **arrays)
   count = sum(a.size for k, a in arrays.items() if k != ENCODER_KEY)
   print(f'{args.input} -> {args.output}: {arrays[ENCODER_KEY]}, {len(arrays) - 1} arrays, {count:,} values')
+  return 0
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  sys.exit(cli.run(main))

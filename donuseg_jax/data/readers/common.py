@@ -29,6 +29,25 @@ def make_example(*, image: np.ndarray, instances: np.ndarray, image_id: str, gro
   }
 
 
+def faults_of(index: dict, read) -> list[str]:
+  """Reads every entry of a reader's index with `read(image_id)` and returns the message of
+  each DataError, so that one pass names every bad file (the data summary command)."""
+  faults = []
+  for image_id in sorted(index):
+    try:
+      read(image_id)
+    except images.DataError as error:
+      faults.append(str(error))
+  return faults
+
+
+def fault(faults: list | None, message: str) -> None:
+  """Raises DataError(message), or, when collecting (`faults` is a list), records it."""
+  if faults is None:
+    raise images.DataError(message)
+  faults.append(message)
+
+
 def find_dirs(root: pathlib.Path, name: str, *, max_depth: int = 3) -> list[pathlib.Path]:
   """Folders called `name` (case-insensitive) at most `max_depth` levels below `root`, sorted."""
   found, level = [], [root]

@@ -37,10 +37,20 @@ def iter_examples(root, *, subset: str | None = None):
   """Yields one example per image of `subset` (None = both), in id order."""
   index = _index(root, subset)
   for image_id in sorted(index):
-    image_path, label_path = index[image_id]
-    image = images.read_image(image_path)
-    yield common.make_example(image=image, instances=read_inst_map(label_path), image_id=image_id,
-                              group='', source=str(label_path))
+    yield _example(*index[image_id], image_id)
+
+
+def find_faults(root, *, subset: str | None = None) -> list[str]:
+  """Every problem with the files of `subset` (missing labels, unreadable files), by name."""
+  faults = []
+  index = _index(root, subset, faults=faults)
+  return faults + common.faults_of(index, lambda image_id: _example(*index[image_id], image_id))
+
+
+def _example(image_path, label_path, image_id: str) -> dict:
+  image = images.read_image(image_path)
+  return common.make_example(image=image, instances=read_inst_map(label_path), image_id=image_id,
+                             group='', source=str(label_path))
 
 
 def read_inst_map(path) -> np.ndarray:
@@ -83,7 +93,7 @@ def _split_dirs(root) -> dict:
   return dirs
 
 
-def _index(root, subset) -> dict:
+def _index(root, subset, *, faults: list | None = None) -> dict:
   """id -> (image path, label path) for `subset` (None = every subset found)."""
   if subset is not None and subset not in SUBSETS:
     raise ValueError(f'CoNSeP subset must be one of {SUBSETS} or None, got {subset!r}')
@@ -97,8 +107,9 @@ def _index(root, subset) -> dict:
     for image_path in sorted(image_dir.glob('*.png')):
       label_path = label_dir / f'{image_path.stem}.mat'
       if not label_path.is_file():
-        raise images.DataError(f'CoNSeP: {image_path} has no label file {label_path}')
+        common.fault(faults, f'CoNSeP: {image_path} has no label file {label_path}')
+        continue
       index[image_path.stem.lower()] = (image_path, label_path)
-  if not index:
+  if not index and not faults:
     raise images.DataError(f'CoNSeP: no images found under {root}; expected {LAYOUT}')
   return index

@@ -63,9 +63,19 @@ def iter_examples(root, *, annotator: str = 'annotator1'):
   """Yields one example per tile, in id order."""
   index = _index(root, annotator)
   for image_id in sorted(index):
-    image, instances, _ = _read(index[image_id])
-    yield common.make_example(image=image, instances=instances, image_id=image_id, group='',
-                              source=index[image_id]['label'])
+    yield _example(index[image_id], image_id)
+
+
+def find_faults(root, *, annotator: str = 'annotator1') -> list[str]:
+  """Every problem with the tiles (unreadable images, labels or ROI archives), by name."""
+  index = _index(root, annotator)
+  return common.faults_of(index, lambda image_id: _example(index[image_id], image_id))
+
+
+def _example(entry: dict, image_id: str) -> dict:
+  image, instances, _ = _read(entry)
+  return common.make_example(image=image, instances=instances, image_id=image_id, group='',
+                             source=entry['label'])
 
 
 def region_reports(root, *, annotator: str = 'annotator1') -> dict:

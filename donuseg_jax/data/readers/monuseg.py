@@ -48,11 +48,21 @@ def iter_examples(root, *, subset: str = 'train'):
   """Yields one example per image of `subset`, in id order."""
   index = _index(root, subset)
   for image_id in sorted(index):
-    image_path, xml_path = index[image_id]
-    image = images.read_image(image_path)
-    instances, _ = read_annotation(xml_path, image.shape)
-    yield common.make_example(image=image, instances=instances, image_id=image_id,
-                              group=image_id[:12], source=str(xml_path))
+    yield _example(*index[image_id], image_id)
+
+
+def find_faults(root, *, subset: str = 'train') -> list[str]:
+  """Every problem with the files of `subset` (missing or bad XML, unreadable TIFFs), by name."""
+  faults = []
+  index = _index(root, subset, faults=faults)
+  return faults + common.faults_of(index, lambda image_id: _example(*index[image_id], image_id))
+
+
+def _example(image_path, xml_path, image_id: str) -> dict:
+  image = images.read_image(image_path)
+  instances, _ = read_annotation(xml_path, image.shape)
+  return common.make_example(image=image, instances=instances, image_id=image_id,
+                             group=image_id[:12], source=str(xml_path))
 
 
 def region_reports(root, *, subset: str = 'train') -> dict:
@@ -83,6 +93,9 @@ def read_polygons(xml_path) -> list[np.ndarray]:
     except (TypeError, ValueError) as error:
       raise images.DataError(
           f'{xml_path}: region Id={region.get("Id")} has a vertex without numeric X, Y') from error
+    if not np.isfinite(np.asarray(vertices, np.float64)).all():
+      raise images.DataError(
+          f'{xml_path}: region Id={region.get("Id")} has a vertex at nan or infinity')
     regions.append(np.asarray(vertices, np.float64).reshape(-1, 2))
   return regions
 
@@ -102,7 +115,7 @@ def _folders(root: pathlib.Path, subset: str) -> list[tuple[pathlib.Path, pathli
   raise ValueError(f'MoNuSeg subset must be one of {SUBSETS}, got {subset!r}')
 
 
-def _index(root, subset: str) -> dict:
+def _index(root, subset: str, *, faults: list | None = None) -> dict:
   """id -> (image path, xml path)."""
   root = common.require_dir(root, 'MoNuSeg', LAYOUT)
   folders = _folders(root, subset)
@@ -115,9 +128,10 @@ def _index(root, subset: str) -> dict:
         continue
       xml_path = xml_dir / f'{image_path.stem}.xml'
       if not xml_path.is_file():
-        raise images.DataError(f'MoNuSeg: {image_path} has no annotation file {xml_path}')
+        common.fault(faults, f'MoNuSeg: {image_path} has no annotation file {xml_path}')
+        continue
       index.setdefault(image_path.stem, (image_path, xml_path))
-  if not index:
+  if not index and not faults:
     raise images.DataError(f'MoNuSeg: no .tif images in {[str(f[0]) for f in folders]}; '
                            f'expected {LAYOUT}')
   return index

@@ -35,13 +35,23 @@ def iter_examples(root):
   """Yields one example per image, in id order."""
   index = _index(root)
   for image_id in sorted(index):
-    entry = index[image_id]
-    image = images.decode_image(entry['Slide'].read(), source=entry['Slide'].name)
-    mask = images.decode_image(entry['GT'].read(), source=entry['GT'].name)
-    # The masks decode to RGB copies of one gray channel; any nonzero value is nucleus.
-    instances = skimage.measure.label(mask.max(axis=-1) > 0, connectivity=2).astype(np.int32)
-    yield common.make_example(image=image, instances=instances, image_id=image_id,
-                              group=f'Slide_{entry["slide"]}', source=entry['GT'].name)
+    yield _example(index[image_id], image_id)
+
+
+def find_faults(root) -> list[str]:
+  """Every problem with the files under `root` (unpaired files, undecodable images), by name."""
+  faults = []
+  index = _index(root, faults=faults)
+  return faults + common.faults_of(index, lambda image_id: _example(index[image_id], image_id))
+
+
+def _example(entry: dict, image_id: str) -> dict:
+  image = images.decode_image(entry['Slide'].read(), source=entry['Slide'].name)
+  mask = images.decode_image(entry['GT'].read(), source=entry['GT'].name)
+  # The masks decode to RGB copies of one gray channel; any nonzero value is nucleus.
+  instances = skimage.measure.label(mask.max(axis=-1) > 0, connectivity=2).astype(np.int32)
+  return common.make_example(image=image, instances=instances, image_id=image_id,
+                             group=f'Slide_{entry["slide"]}', source=entry['GT'].name)
 
 
 class _File:
@@ -58,7 +68,7 @@ class _File:
       return archive.read(self.member)
 
 
-def _index(root) -> dict:
+def _index(root, *, faults: list | None = None) -> dict:
   """id -> {'Slide': _File, 'GT': _File, 'slide': 'NN'}; raises DataError on a bad layout."""
   root = common.require_dir(root, 'TNBC', LAYOUT)
   files = _folder_files(root)
@@ -77,12 +87,12 @@ def _index(root) -> dict:
     index.setdefault(stem, {'slide': slide})[kind] = file
   if not index:
     raise images.DataError(f'TNBC: no images found in {root}; expected {LAYOUT}')
-  for stem, entry in index.items():
+  for stem, entry in sorted(index.items()):
     for kind in ('Slide', 'GT'):
       if kind not in entry:
         other = entry['GT' if kind == 'Slide' else 'Slide'].name
-        raise images.DataError(f'TNBC: {other} has no matching {kind}_{entry["slide"]}/{stem}.png')
-  return index
+        common.fault(faults, f'TNBC: {other} has no matching {kind}_{entry["slide"]}/{stem}.png')
+  return {stem: entry for stem, entry in index.items() if 'Slide' in entry and 'GT' in entry}
 
 
 def _folder_files(root: pathlib.Path) -> list:
