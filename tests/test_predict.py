@@ -134,7 +134,7 @@ def test_predict_paths_on_a_real_tnbc_image(data_root, tmp_path):
                                   config=default.get_config(), progress=False)
   assert summary == {'written': ['01_1'], 'failed': []}
   check_outputs(tmp_path / 'out', '01_1', (512, 512), min_instances=20)
-  assert net.calls == 2  # 4 x 4 windows, in batches of 8
+  assert net.calls == 1  # one 576 x 576 window (throughput windows; 256 / 128 took 16)
 
 
 def test_bad_files_in_a_folder_do_not_stop_the_others(tnbc_image, tmp_path):
