@@ -167,9 +167,9 @@ def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, windo
   cols = axis_layout(width, window=window, stride=stride)
   padded = pad_image(image, rows, cols)  # (Hp, Wp, 3)
   origins = np.stack(np.meshgrid(rows.starts, cols.starts, indexing='ij'), -1).reshape(-1, 2)
-  weights = blend_weights(window, stride, blend)  # (win, win)
+  profile = blend_profile(window, stride, blend)  # (win,)
+  weights = np.outer(profile, profile).astype(np.float32)  # (win, win)
   prob_sum = np.zeros(padded.shape[:2], np.float32)  # (Hp, Wp)
-  weight_sum = np.zeros(padded.shape[:2], np.float32)
   found = []
 
   def window_batch(k):
@@ -195,20 +195,31 @@ def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, windo
     if n + 1 < len(starts):  # dispatch the next batch before the host works on this one
       pending = call(window_batch(starts[n + 1]))
     count = min(batch_size, len(origins) - k)
-    probs = special.expit(np.asarray(outputs['segmentation'], np.float32)[:count])  # (b, win, win)
+    probs = np.array(outputs['segmentation'][:count], np.float32)  # (b, win, win), writable
+    special.expit(probs, out=probs)
     decoded = detections_lib.decode_detections(outputs['detection'], window=window,
                                                score_threshold=score_threshold,
                                                max_detections=max_detections)
     for m in range(count):
       r, c = origins[k + m]
-      prob_sum[r:r + window, c:c + window] += probs[m] * weights
-      weight_sum[r:r + window, c:c + window] += weights
+      probs[m] *= weights
+      prob_sum[r:r + window, c:c + window] += probs[m]
       found.append(_to_image(decoded[m], r, c, rows, cols, stride=stride, core_only=core_only,
                              height=height, width=width))
   top, left = rows.before, cols.before
-  probability = prob_sum[top:top + height, left:left + width] / weight_sum[top:top + height,
-                                                                           left:left + width]
-  return probability.astype(np.float32), detections_lib.concatenate(found)
+  # The weights are separable and the windows a grid, so their sum is an outer product too.
+  row_sum, col_sum = axis_weight_sum(rows, profile), axis_weight_sum(cols, profile)
+  probability = prob_sum[top:top + height, left:left + width]
+  probability /= np.outer(row_sum[top:top + height], col_sum[left:left + width]).astype(np.float32)
+  return probability, detections_lib.concatenate(found)
+
+
+def axis_weight_sum(layout: AxisLayout, profile: np.ndarray) -> np.ndarray:
+  """(padded,) float64: the blending profiles of all windows of one axis, summed."""
+  total = np.zeros(layout.padded)
+  for start in layout.starts:
+    total[start:start + layout.window] += profile
+  return total
 
 
 def _to_image(found: detections_lib.Detections, r: int, c: int, rows: AxisLayout, cols: AxisLayout,
