@@ -1,6 +1,6 @@
 """Tile-by-tile prediction of images of any size: peak memory set by the tile, not by the image.
 
-The image is cut into cores (a grid of near-equal rectangles of at most `tile` pixels a side);
+The image is cut into cores (a grid of `tile` x `tile` squares, shorter at the right and bottom);
 each core is predicted as a region that extends it by a `halo` on every side (clipped at the image
 border, where the windows pad by reflection exactly as for a whole image). The halo gives the
 windows real context at the core's edge and holds the part of a nucleus that crosses it.
@@ -59,9 +59,8 @@ class TileResult(NamedTuple):
 
 
 def axis_cuts(length: int, tile: int) -> np.ndarray:
-  """Boundaries (n + 1,) of n = ceil(length / tile) near-equal cores along one axis."""
-  count = max(1, math.ceil(length / tile))
-  return np.round(np.arange(count + 1) * length / count).astype(np.int64)
+  """Core boundaries along one axis: every `tile` pixels, the last core shorter."""
+  return np.append(np.arange(0, length, tile, dtype=np.int64), length)
 
 
 def tile_grid(height: int, width: int, *, tile: int, halo: int) -> list[Tile]:
