@@ -97,9 +97,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   train.max_steps = 0  # stop after this many steps (0 = epochs decide); for tests and benchmarks
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.window = 256  # sliding-window side
-  ev.stride = 128  # sliding-window stride
-  ev.batch_size = 8  # windows per device call
+  ev.windows = 'throughput'  # throughput (max_window/margin, fitted to small images) | fixed (window/stride)
+  ev.max_window = 1024  # throughput: largest window side (a multiple of 64)
+  ev.margin = 32  # throughput: context margin on each window side (stride = window - 2 * margin)
+  ev.blend = 'ramp'  # throughput: ramp (cropped edges, linear blend) | crop | hann
+  ev.window = 256  # fixed: sliding-window side
+  ev.stride = 128  # fixed: sliding-window stride
+  ev.batch_size = 8  # fixed: windows per device call (throughput: the same pixels per call)
   ev.instance_method = 'boxes'  # boxes ([code] assembly) | watershed
   ev.score_threshold = 0.5  # keep detections with class probability above this
   ev.nms_iou = 0.44  # global NMS IoU threshold
@@ -173,6 +177,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None) -> ml_
     config.optim.schedule = 'constant'  # step count out of the compiled program: one cached compile
     config.eval.window = 64
     config.eval.stride = 32
+    config.eval.max_window = 128
+    config.eval.margin = 16
     config.eval.batch_size = 4
     config.eval.max_images = 2
     config.eval.write_overlays = 1

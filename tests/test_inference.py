@@ -1,7 +1,9 @@
 """Sliding-window inference with stand-in networks whose outputs are known exactly."""
 
+import ml_collections
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy import special
 
 from configs import default
@@ -236,3 +238,115 @@ def test_bad_images_are_rejected_clearly():
     predictor.predict_image(np.zeros((20, 20, 4), np.uint8), predict_windows=net, config=config())
   with pytest.raises(ValueError, match='uint8'):
     predictor.predict_image(np.zeros((20, 20, 3), np.uint16), predict_windows=net, config=config())
+
+
+BLUR = 3  # the neighbourhood stand-in's radius (a 7 x 7 box)
+
+
+def neighbourhood_logit(images):
+  """A logit that depends on a 7 x 7 neighbourhood, computed inside each window with zeros beyond
+  its edges: right only where the window holds the whole neighbourhood."""
+  return ndimage.uniform_filter(pointwise_logit(images), size=(1, 2 * BLUR + 1, 2 * BLUR + 1),
+                                mode='constant')
+
+
+@pytest.mark.parametrize('window, stride, blend', [
+    (128, 64, 'ramp'), (128, 96, 'ramp'), (128, 112, 'ramp'), (192, 128, 'ramp'),
+    (128, 96, 'crop'), (128, 80, 'crop'), (128, 97, 'crop')])
+def test_blending_crops_window_edges_and_pads_by_reflection(window, stride, blend):
+  """Stitched = the neighbourhood function of the reflect-padded image, exactly: window edges
+  (where the stand-in saw zeros) get no weight, and the padding mirrors without repeating the edge."""
+  image = random_image(300, 233, seed=4)
+  probability, _ = windows.predict_sliding(
+      image, predict_windows=StandIn(neighbourhood_logit), window=window, stride=stride,
+      batch_size=4, score_threshold=0.5, max_detections=10, blend=blend)
+  want = special.expit(ndimage.uniform_filter(pointwise_logit(image), size=2 * BLUR + 1,
+                                              mode='mirror'))  # scipy 'mirror' = numpy 'reflect'
+  np.testing.assert_allclose(probability, want, atol=1e-5, rtol=0)
+  # The test can tell: Hann weights (never zero at the window edges) leave errors there.
+  hann, _ = windows.predict_sliding(
+      image, predict_windows=StandIn(neighbourhood_logit), window=window, stride=stride,
+      batch_size=4, score_threshold=0.5, max_detections=10, blend='hann')
+  assert np.abs(hann - want).max() > 1e-4  # 40x the tolerance above
+
+
+def test_ramp_profiles_are_a_partition_of_unity_at_any_stride():
+  for window, stride in ((128, 64), (128, 96), (256, 224), (1024, 960), (64, 64)):
+    profile = windows.blend_profile(window, stride, 'ramp')
+    overlap = window - stride
+    assert (profile[:overlap // 4] == 0).all() and profile.max() == 1
+    total = np.zeros(window + 3 * stride)
+    for k in range(4):
+      total[k * stride:k * stride + window] += profile
+    np.testing.assert_allclose(total[window - stride + overlap:3 * stride + overlap // 2], 1.0,
+                               atol=1e-12)
+  with pytest.raises(ValueError, match='unknown blend'):
+    windows.blend_profile(64, 32, 'gauss')
+
+
+def test_ramp_blending_has_no_seams_but_cropping_does():
+  height, width = 900, 800
+  yy, xx = np.mgrid[:height, :width]
+  image = np.zeros((height, width, 3), np.uint8)
+  image[..., 0] = (255 * (xx + yy) / (height + width)).astype(np.uint8)
+
+  def per_window_constant(images):
+    means = images[..., 0].astype(np.float32).mean(axis=(1, 2))
+    return np.broadcast_to(((means - 128) / 16)[:, None, None], images.shape[:3]).copy()
+
+  def steps(blend):
+    probability, _ = windows.predict_sliding(
+        image, predict_windows=StandIn(per_window_constant), window=256, stride=192,
+        batch_size=8, score_threshold=0.5, max_detections=10, blend=blend)
+    return max(np.abs(np.diff(probability, axis=0)).max(),
+               np.abs(np.diff(probability, axis=1)).max())
+  assert steps('ramp') < 0.03
+  assert steps('crop') > 0.1  # hard tiles show steps: the measure bites
+
+
+def test_window_settings_fit_small_images_and_fill_batches():
+  ev = config().eval
+  assert ev.windows == 'throughput' and (ev.max_window, ev.margin) == (1024, 32)
+  small = windows.window_settings(ev, 512, 512)  # one window of 512 + 2 * 32 -> 576
+  assert small == windows.WindowSettings(576, 512, 'ramp', 1)
+  assert windows.window_settings(ev, 1000, 1000).window == 576  # 2 x 2 windows: 1.3 MP, not 4.2
+  assert windows.window_settings(ev, 1500, 900).window == 576  # 3 x 2: 2.0 MP; 2 x 1024: 2.1 MP
+  big = windows.window_settings(ev, 4800, 4800)  # 5 x 5 windows of 1024 at stride 960, exactly
+  assert (big.window, big.stride, big.batch_size) == (1024, 960, 1)  # 8 x 256^2 pixels a call
+  ev.max_window, ev.batch_size = 256, 8
+  assert windows.window_settings(ev, 3000, 3000).batch_size == 8
+  assert windows.window_settings(ev, 100, 300) == windows.WindowSettings(192, 128, 'ramp', 3)  # 1 x 3
+  ev.windows = 'fixed'
+  assert windows.window_settings(ev, 512, 512) == windows.WindowSettings(256, 128, 'hann', 8)
+  old = ml_collections.ConfigDict({'window': 256, 'stride': 128, 'batch_size': 8})
+  assert windows.window_settings(old, 512, 512).window == 576  # saved runs get the fast windows
+  ev.windows, ev.max_window = 'throughput', 1000
+  with pytest.raises(ValueError, match='multiple of 64'):
+    windows.window_settings(ev, 512, 512)
+
+
+def test_windows_are_sharded_over_the_devices():
+  import jax  # noqa: PLC0415
+
+  devices = jax.local_devices()
+  assert len(devices) == 4  # conftest's fake CPU devices
+
+  @jax.jit
+  def forward(params, batch_stats, images):
+    logits = images.astype(np.float32).mean(-1) * params['scale'] + batch_stats['shift']
+    return {'segmentation': logits, 'detection': ({'logits': logits[:, ::8, ::8]},)}
+
+  predict_windows = predictor.make_predict_windows(
+      None, {'scale': np.float32(2.0)}, {'shift': np.float32(1.0)}, forward_windows=forward)
+  assert predict_windows.device_count == 4
+  images = random_image(6 * 16, 16).reshape(6, 16, 16, 3)  # 6 windows: padded to 8, then cut
+  outputs = predict_windows(images)
+  assert outputs['segmentation'].shape == (6, 16, 16)
+  np.testing.assert_allclose(outputs['segmentation'], images.mean(-1) * 2 + 1, rtol=1e-6)
+  full = predict_windows(np.concatenate([images, images[:2]]))
+  assert len(full['segmentation'].sharding.device_set) == 4  # split over every device
+  single = predictor.make_predict_windows(None, {'scale': np.float32(2.0)},
+                                          {'shift': np.float32(1.0)}, forward_windows=forward,
+                                          devices=devices[:1])
+  assert single.device_count == 1
+  np.testing.assert_allclose(single(images)['segmentation'], outputs['segmentation'], rtol=1e-6)

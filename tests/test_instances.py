@@ -122,3 +122,27 @@ def test_vectorised_closing_equals_closing_each_instance_in_turn():
     instances_lib.close_instances(got)
     assert (want != labels).any() or trial  # the closing does something
     np.testing.assert_array_equal(got, want)
+
+
+def test_fill_holes_equals_scipy():
+  rng = np.random.default_rng(1)
+  for trial in range(30):
+    mask = rng.random((rng.integers(1, 40), rng.integers(1, 40))) < rng.uniform(0.2, 0.8)
+    np.testing.assert_array_equal(instances_lib.fill_holes(mask),
+                                  instances_lib.ndimage.binary_fill_holes(mask))
+  ring = np.ones((5, 5), bool)
+  ring[2, 2] = False
+  assert instances_lib.fill_holes(ring).all()
+  assert not instances_lib.fill_holes(np.zeros((3, 3), bool)).any()
+  assert instances_lib.fill_holes(np.ones((3, 3), bool)).all()
+
+
+def test_square_closing_equals_scipy():
+  rng = np.random.default_rng(2)
+  for trial in range(30):
+    mask = rng.random((rng.integers(1, 30), rng.integers(1, 30))) < rng.uniform(0.2, 0.9)
+    square = np.ones((3, 3), bool)
+    np.testing.assert_array_equal(instances_lib._square_dilation(mask),
+                                  instances_lib.ndimage.binary_dilation(mask, square))
+    np.testing.assert_array_equal(instances_lib._square_erosion(mask),
+                                  instances_lib.ndimage.binary_erosion(mask, square))

@@ -8,9 +8,11 @@ import pytest
 import skimage.io
 import tifffile
 from scipy import ndimage
+from skimage import measure
 
 from configs import default
 from donuseg_jax import predict
+from donuseg_jax.inference import outputs
 
 TNBC_IMAGE = 'tnbc/TNBC_NucleiSegmentation/Slide_01/01_1.png'
 STRIDE = 8  # the stand-in detects on P3
@@ -83,19 +85,21 @@ def assert_valid_ring(ring):
   assert abs(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1])) > 0
 
 
-def check_outputs(output, stem, shape, *, min_instances=1):
+def check_outputs(output, stem, shape, *, min_instances=1, overlay='overlay'):
   labels = tifffile.imread(output / f'{stem}.instances.tif')
   assert labels.dtype == np.int32 and labels.shape == shape
   ids = np.unique(labels[labels > 0])
   assert len(ids) >= min_instances
-  overlay = skimage.io.imread(output / f'{stem}.overlay.png')
-  assert overlay.shape == shape + (3,)
+  overlay = skimage.io.imread(output / f'{stem}.{overlay}.png')
+  if overlay.shape[:2] == shape:
+    assert overlay.shape == shape + (3,)
   if len(ids):
     assert (overlay == np.array(predict.OUTLINE_COLOR, np.uint8)).all(-1).any()
   collection = json.loads((output / f'{stem}.geojson').read_text())
   assert collection['type'] == 'FeatureCollection'
   assert len(collection['features']) == len(ids)
   objects = ndimage.find_objects(labels)
+  assert len({feature['id'] for feature in collection['features']}) == len(ids)  # unique ids
   for feature in collection['features']:
     props = feature['properties']
     assert feature['geometry']['type'] == 'Polygon'
@@ -111,6 +115,10 @@ def check_outputs(output, stem, shape, *, min_instances=1):
     assert found[1].stop - 0.5 <= x.max() <= found[1].stop + 1e-6
     assert found[0].start - 1e-6 <= y.min() <= found[0].start + 0.5
     assert found[0].stop - 0.5 <= y.max() <= found[0].stop + 1e-6
+    assert np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) > 0  # counter-clockwise in (x, y)
+    # Every pixel of the instance (its centre at (j + 0.5, i + 0.5)) lies inside the polygon.
+    rr, cc = np.nonzero(labels == props['measurements']['instance_id'])
+    assert measure.points_in_poly(np.stack([cc + 0.5, rr + 0.5], 1), np.stack([x, y], 1)).all()
   with open(output / f'{stem}.csv', newline='') as file:
     rows = list(csv.DictReader(file))
   assert [int(r['id']) for r in rows] == list(ids)
@@ -132,9 +140,9 @@ def test_predict_paths_on_a_real_tnbc_image(data_root, tmp_path):
   net = DarknessNet()
   summary = predict.predict_paths([data_root / TNBC_IMAGE], tmp_path / 'out', predict_windows=net,
                                   config=default.get_config(), progress=False)
-  assert summary == {'written': ['01_1'], 'failed': []}
+  assert summary == {'written': ['01_1'], 'skipped': [], 'failed': [], 'cut': 0}
   check_outputs(tmp_path / 'out', '01_1', (512, 512), min_instances=20)
-  assert net.calls == 2  # 4 x 4 windows, in batches of 8
+  assert net.calls == 1  # one 576 x 576 window (throughput windows; 256 / 128 took 16)
 
 
 def test_bad_files_in_a_folder_do_not_stop_the_others(tnbc_image, tmp_path):
@@ -211,20 +219,175 @@ def test_predict_command_with_a_smoke_checkpoint(tnbc_image, tmp_path, capsys):
 
 
 def test_polygons_of_awkward_shapes():
-  ring = predict.instance_polygon(np.ones((1, 1), bool), (10, 20))  # one pixel: a diamond
+  ring = outputs.instance_polygon(np.ones((1, 1), bool), (10, 20))  # one pixel: a diamond
   assert_valid_ring([tuple(p) for p in ring.tolist()])
   np.testing.assert_allclose(ring.min(0), [20, 10])
   np.testing.assert_allclose(ring.max(0), [21, 11])
   donut = np.ones((9, 9), bool)
   donut[3:6, 3:6] = False
-  ring = predict.instance_polygon(donut, (0, 0))  # the outer ring, not the hole
+  ring = outputs.instance_polygon(donut, (0, 0))  # the outer ring, not the hole
   np.testing.assert_allclose([ring[:, 0].min(), ring[:, 0].max()], [0, 9], atol=0.5)
   diagonal = np.eye(4, dtype=bool) | np.eye(4, k=1, dtype=bool)  # a staircase
-  assert_valid_ring([tuple(p) for p in predict.instance_polygon(diagonal, (0, 0)).tolist()])
+  assert_valid_ring([tuple(p) for p in outputs.instance_polygon(diagonal, (0, 0)).tolist()])
   checker = np.zeros((4, 4), bool)
   checker[0, 0] = checker[1, 1] = True  # touching at a corner only: still one outline
-  assert_valid_ring([tuple(p) for p in predict.instance_polygon(checker, (0, 0)).tolist()])
-  square = predict.instance_polygon(np.ones((5, 5), bool), (0, 0))  # straight runs: 4 corners left
+  assert_valid_ring([tuple(p) for p in outputs.instance_polygon(checker, (0, 0)).tolist()])
+  square = outputs.instance_polygon(np.ones((5, 5), bool), (0, 0))  # straight runs: 4 corners left
   assert len(square) == 9 and {tuple(p) for p in square.tolist()} >= {(0.0, 0.5), (4.5, 0.0)}
   with pytest.raises(AssertionError, match='intersect'):  # the checker itself catches a bow tie
     assert_valid_ring([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])
+
+
+@pytest.fixture(scope='module')
+def mosaic(tnbc_image):
+  """A 700 x 900 RGB image of real H&E (a TNBC tile, mirrored to fill)."""
+  return np.pad(tnbc_image, ((0, 188), (0, 388), (0, 0)), mode='reflect')
+
+
+def write_pyramid(path, image):
+  with tifffile.TiffWriter(path) as tiff:
+    tiff.write(image, subifds=2, photometric='rgb', tile=(128, 128), compression='zlib')
+    for step in (2, 4):
+      tiff.write(image[::step, ::step], subfiletype=1, photometric='rgb', tile=(128, 128),
+                 compression='zlib')
+
+
+def features(output, stem):
+  collection = json.loads((output / f'{stem}.geojson').read_text())
+  return sorted(((np.array(f['geometry']['coordinates'][0]), f['properties']['measurements'])
+                 for f in collection['features']), key=lambda f: tuple(f[0].min(0)))
+
+
+def test_pyramidal_tiff_is_predicted_by_tiles_with_a_label_pyramid_and_preview(
+    mosaic, tmp_path, monkeypatch):
+  path = tmp_path / 'slide.tif'
+  write_pyramid(path, mosaic)
+  monkeypatch.setattr(predict, 'SMALL_IMAGE_PIXELS', 1 << 16)  # this image counts as large
+  monkeypatch.setattr(outputs, 'PREVIEW_SIDE', 256)
+  monkeypatch.setattr(outputs, 'LABEL_TILE', 64)
+  monkeypatch.setattr(outputs, 'LABEL_PYRAMID_SIDE', 256)
+  summary = predict.predict_paths([path], tmp_path / 'out', predict_windows=DarknessNet(),
+                                  config=default.get_config(), progress=False, tile=256,
+                                  halo=64, label_map='yes')
+  assert summary['written'] == ['slide'] and not summary['failed']
+  out = tmp_path / 'out'
+  labels = check_outputs(out, 'slide', (700, 900), min_instances=50, overlay='preview')
+  preview = skimage.io.imread(out / 'slide.preview.png')
+  assert preview.shape == (175, 225, 3)  # decimated by 4
+  assert (preview == np.array(predict.OUTLINE_COLOR)).all(-1).mean() > 0.01
+  assert not (out / 'slide.overlay.png').exists()
+  with tifffile.TiffFile(out / 'slide.instances.tif') as tiff:
+    levels = tiff.series[0].levels
+    assert tiff.pages[0].is_tiled and [lv.shape for lv in levels] == [(700, 900), (350, 450)]
+    np.testing.assert_array_equal(levels[1].asarray(), labels[::2, ::2])
+  # No nucleus twice across the 3 x 4 tile borders: no two instances share a centroid.
+  with open(out / 'slide.csv', newline='') as file:
+    centres = np.array([[float(r['centroid_x']), float(r['centroid_y'])] for r in csv.DictReader(file)])
+  gaps = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1)) + np.eye(len(centres)) * 1e9
+  assert gaps.min() > 2.0
+  assert sorted(p.name for p in out.iterdir()) == [
+      'slide.csv', 'slide.done.json', 'slide.geojson', 'slide.instances.tif', 'slide.preview.png']
+
+
+def test_levels_and_regions_give_level_zero_coordinates(mosaic, tmp_path):
+  path = tmp_path / 'slide.tif'
+  write_pyramid(path, mosaic)
+  half = tmp_path / 'half.png'
+  skimage.io.imsave(half, mosaic[::2, ::2], check_contrast=False)
+  crop = tmp_path / 'crop.png'
+  skimage.io.imsave(crop, mosaic[100:400, 200:520], check_contrast=False)
+  cfg = default.get_config()
+  run = dict(predict_windows=DarknessNet(), config=cfg, progress=False)
+  predict.predict_paths([half, crop], tmp_path / 'ref', **run)
+  predict.predict_paths([path], tmp_path / 'level1', level=1, **run)
+  predict.predict_paths([path], tmp_path / 'region', region=(200, 100, 320, 300), **run)
+  predict.predict_paths([path], tmp_path / 'both', level=1, region=(200, 100, 320, 300), **run)
+  ref_half, ref_crop = features(tmp_path / 'ref', 'half'), features(tmp_path / 'ref', 'crop')
+  got = features(tmp_path / 'level1', 'slide')
+  assert len(got) == len(ref_half) > 20
+  for (ring, props), (want, want_props) in zip(got, ref_half):
+    np.testing.assert_allclose(ring, want * 2)  # level-1 pixels are 2 x 2 level-0 pixels
+    assert props['area'] == want_props['area'] * 4
+  got = features(tmp_path / 'region', 'slide')
+  assert len(got) == len(ref_crop) > 10
+  for (ring, _), (want, _) in zip(got, ref_crop):
+    np.testing.assert_allclose(ring, want + [200, 100])
+  assert tifffile.imread(tmp_path / 'region' / 'slide.instances.tif').shape == (300, 320)
+  labels = tifffile.imread(tmp_path / 'both' / 'slide.instances.tif')
+  assert labels.shape == (150, 160)  # level-1 pixels of the region
+  for ring, _ in features(tmp_path / 'both', 'slide'):
+    assert (ring.min(0) >= [200, 100]).all() and (ring.max(0) <= [520, 400]).all()
+
+
+def test_a_rerun_skips_complete_outputs_and_a_crash_leaves_no_partial_file(tnbc_image, tmp_path):
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  for name in ('a', 'b'):
+    skimage.io.imsave(folder / f'{name}.png', tnbc_image[:200, :240], check_contrast=False)
+  out = tmp_path / 'out'
+  run = dict(predict_windows=DarknessNet(), config=default.get_config(), progress=False)
+  first = predict.predict_paths([folder], out, **run)
+  assert first['written'] == ['a', 'b']
+  again = predict.predict_paths([folder], out, **run)
+  assert again['written'] == [] and again['skipped'] == ['a', 'b']
+  assert predict.predict_paths([folder], out, overwrite=True, **run)['written'] == ['a', 'b']
+  (out / 'a.csv').unlink()  # an output gone: a is not complete any more
+  import os  # noqa: PLC0415
+  stat = (folder / 'b.png').stat()
+  os.utime(folder / 'b.png', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # b changed
+  assert predict.predict_paths([folder], out, **run)['written'] == ['a', 'b']
+  assert predict.predict_paths([folder], out, tile=100, **run)['written'] == ['a', 'b']  # settings
+
+  class Crash(DarknessNet):
+    def __call__(self, images):
+      if self.calls >= 1:
+        raise RuntimeError('killed')
+      return super().__call__(images)
+
+  crashed = predict.predict_paths([folder / 'a.png'], tmp_path / 'crashed', tile=100, halo=16,
+                                  predict_windows=Crash(), config=default.get_config(),
+                                  progress=False)
+  assert crashed['failed'] and 'RuntimeError: killed' in crashed['failed'][0][1]
+  assert list((tmp_path / 'crashed').iterdir()) == []  # no final name, no temporary left
+
+
+def test_command_line_errors_are_one_line_with_status_2(tmp_path, capsys):
+  tile = tmp_path / 'tile.png'
+  skimage.io.imsave(tile, np.zeros((40, 40, 3), np.uint8), check_contrast=False)
+  base = ['--workdir', str(tmp_path), '--input', str(tile), '--output', str(tmp_path / 'out')]
+  for extra, message in ((['--region', '1,2,3'], 'four integers'),
+                         (['--region', '0,0,0,5'], 'w, h >= 1'),
+                         (['--level', '-1'], '0 or more'),
+                         (['--level', '1', '--mpp', '0.5'], 'not both'),
+                         (['--tile', '0'], 'positive')):
+    assert predict.main(base + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+  assert predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path / 'none.png'),
+                       '--output', str(tmp_path / 'out')]) == 2
+  assert 'no usable input images' in capsys.readouterr().err
+  (tmp_path / 'config.json').write_text('{"model": ')  # a damaged run
+  assert predict.main(base) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: cannot load the trained run') and err.count('\n') == 1
+
+
+def test_region_outside_the_image_and_level_of_a_png_are_reported(tnbc_image, tmp_path):
+  tile = tmp_path / 'tile.png'
+  skimage.io.imsave(tile, tnbc_image[:64, :64], check_contrast=False)
+  run = dict(predict_windows=DarknessNet(), config=default.get_config(), progress=False)
+  summary = predict.predict_paths([tile], tmp_path / 'out', region=(100, 0, 10, 10), **run)
+  assert 'outside the 64x64 image' in summary['failed'][0][1]
+  summary = predict.predict_paths([tile], tmp_path / 'out', level=1, **run)
+  assert 'not a pyramidal TIFF' in summary['failed'][0][1]
+
+
+def test_write_outputs_of_an_in_memory_result(tnbc_image, tmp_path):
+  """Training's report writes the outputs of predict_image results through the same writers."""
+  from donuseg_jax.inference import predictor  # noqa: PLC0415
+
+  result = predictor.predict_image(tnbc_image, predict_windows=DarknessNet(),
+                                   config=default.get_config())
+  predict.write_outputs(tnbc_image, result, tmp_path, 'tile')
+  labels = check_outputs(tmp_path, 'tile', (512, 512), min_instances=20)
+  np.testing.assert_array_equal(labels, result['instances'])

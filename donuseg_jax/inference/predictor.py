@@ -4,6 +4,7 @@
 known outputs; `make_predict_windows` builds the real one from a trained model's split state.
 """
 
+import math
 import time
 
 import jax
@@ -34,6 +35,7 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
                   timer: dict | None = None) -> dict:
   """Probability map, boxes and instances of one (H, W, 3) uint8 image of any size.
 
+  The windows follow config.eval.windows (windows.window_settings: 'throughput' by default).
   Returns dict(probability (H, W) float32, boxes (K, 4) float32 after NMS (best first),
   scores (K,), instances (H, W) int32 with ids 1..N in score order, instance_scores (N,)).
   `timer`, if given, receives seconds under 'network' (inside predict_windows), 'stitch'
@@ -44,10 +46,13 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
   clock = {} if timer is None else timer
   network_before = clock.get('network', 0.0)
   start = time.perf_counter()
+  settings = windows.window_settings(ev, *image.shape[:2])
+  devices = getattr(predict_windows, 'device_count', 1)  # sharded batches: a multiple of it
+  settings = settings._replace(batch_size=devices * math.ceil(settings.batch_size / devices))
   probability, found = windows.predict_sliding(
-      image, predict_windows=predict_windows, window=ev.window, stride=ev.stride,
-      batch_size=ev.batch_size, score_threshold=ev.score_threshold,
-      max_detections=ev.max_detections, timer=timer)
+      image, predict_windows=predict_windows, window=settings.window, stride=settings.stride,
+      batch_size=settings.batch_size, score_threshold=ev.score_threshold,
+      max_detections=ev.max_detections, blend=settings.blend, timer=timer)
   after_windows = time.perf_counter()
   keep = detections_lib.nms(found.boxes, found.scores, iou_threshold=ev.nms_iou)
   found = detections_lib.select(found, keep)
@@ -77,14 +82,34 @@ def make_forward_windows(graphdef):
   return jax.jit(forward_windows)
 
 
-def make_predict_windows(graphdef, params, batch_stats, *, forward_windows=None):
+def make_predict_windows(graphdef, params, batch_stats, *, forward_windows=None, devices=None):
   """The eval-mode network as `predict_windows(images (b, win, win, 3) uint8) -> outputs`.
 
   Returns device arrays without waiting for them, so the host can stitch one batch while the
   device computes the next. `forward_windows` (from make_forward_windows) avoids recompiling.
+  With several `devices` (default: this process's devices) the parameters are replicated once and
+  each batch is split over them along a 1-D ('data',) mesh; a batch whose size is not a multiple of
+  the device count is padded with black windows (and the padding dropped from the outputs).
+  `predict_windows.device_count` tells callers which batch sizes avoid that padding.
   """
   forward_windows = forward_windows or make_forward_windows(graphdef)
+  devices = list(jax.local_devices() if devices is None else devices)
+  count = len(devices)
+  batched = None
+  if count > 1:
+    mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batched = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    params, batch_stats = jax.device_put((params, batch_stats), replicated)
 
   def predict_windows(images: np.ndarray) -> dict:
-    return forward_windows(params, batch_stats, images)
+    if batched is None:
+      return forward_windows(params, batch_stats, images)
+    size = len(images)
+    extra = -size % count
+    if extra:
+      images = np.concatenate([images, np.zeros((extra,) + images.shape[1:], images.dtype)])
+    outputs = forward_windows(params, batch_stats, jax.device_put(images, batched))
+    return jax.tree.map(lambda x: x[:size], outputs) if extra else outputs
+  predict_windows.device_count = count
   return predict_windows

@@ -5,10 +5,26 @@ and by enough after it that windows at `stride` cover it; an image smaller than 
 up to one window. The margin keeps every real pixel away from the outer window edges, where the
 network sees little context.
 
-Blending: each window's probabilities are weighted by a separable sin^2 (periodic Hann) window, a
-partition of unity at stride = window / 2, with a small floor so that every pixel has a positive
-weight for any stride; the stitched map is the weighted sum divided by the summed weights, so there
-are no seams and a network whose output does not depend on the window position is reproduced exactly.
+Two ways to choose the windows (config.eval.windows, `window_settings`):
+- 'fixed': config.eval.window / stride with 'hann' blending, the original setting (window 256,
+  stride 128: every pixel is computed about 4 times).
+- 'throughput' (the default, also for run configs saved before the field existed): square windows
+  with a margin of config.eval.margin on each side (stride = window - 2 * margin), whose side (a
+  multiple of 64, the coarsest detection stride, up to config.eval.max_window) is the one that
+  covers the image with the fewest network pixels: a 512 x 512 tile gets one 576 window, a
+  1000 x 1000 image four of 576, a slide windows of 1024 (each pixel computed about 1.14 times: 3.5x
+  fewer network pixels than 256 / 128, which computes each about 4 times). 'ramp' blending.
+
+Blending (`blend_weights`): each window's probabilities are weighted by a separable profile and the
+stitched map is the weighted sum divided by the summed weights, so a network whose output does not
+depend on the window position is reproduced exactly.
+- 'hann': sin^2 (periodic Hann), a partition of unity at stride = window / 2, with a small floor so
+  that every pixel has a positive weight for any stride.
+- 'ramp': with overlap o = window - stride, the outer o/4 of each window edge gets weight 0 (cropped:
+  the network saw too little context there), the next o/2 rises linearly to 1 and the rest is 1.
+  Neighbouring ramps sum to 1 (a partition of unity at any stride), so there are no seams.
+- 'crop': weight 1 on the window's own core (the stride x stride centre), 0 elsewhere: hard tiles
+  whose cropped margins gave context only.
 
 Detections: a window keeps only the FCOS locations in its own core (the stride x stride square
 around its centre; border windows also own the padding beyond it), so each image location is decoded
@@ -60,11 +76,67 @@ def core_owner(position: np.ndarray, layout: AxisLayout, *, stride: int) -> np.n
   return np.clip(index, 0, len(layout.starts) - 1)
 
 
-def blend_weights(window: int) -> np.ndarray:
-  """(window, window) float32 separable sin^2 weights, floored at WEIGHT_FLOOR."""
-  t = (np.arange(window, dtype=np.float64) + 0.5) / window
-  w = np.maximum(np.sin(np.pi * t) ** 2, WEIGHT_FLOOR)
+def blend_profile(window: int, stride: int, blend: str) -> np.ndarray:
+  """(window,) float64 weights along one axis (module docstring: 'hann' | 'ramp' | 'crop')."""
+  t = np.arange(window, dtype=np.float64) + 0.5  # pixel centres
+  if blend == 'hann':
+    return np.maximum(np.sin(np.pi * t / window) ** 2, WEIGHT_FLOOR)
+  overlap = window - stride
+  if blend not in ('ramp', 'crop'):
+    raise ValueError(f"unknown blend {blend!r}: hann | ramp | crop")
+  if overlap == 0:
+    return np.ones(window)
+  width = overlap / 2 if blend == 'ramp' else 0.0
+  start = (overlap - width) / 2  # the rise is centred in the overlap: g(t) + g(overlap - t) = 1
+  distance = np.minimum(t, window - t)  # to the nearer window edge
+  if width == 0:  # >=: with an odd overlap the middle pixel belongs to both (normalised later)
+    return (distance >= start).astype(np.float64)
+  return np.clip((distance - start) / width, 0.0, 1.0)
+
+
+def blend_weights(window: int, stride: int | None = None, blend: str = 'hann') -> np.ndarray:
+  """(window, window) float32 separable weights (module docstring); stride only for ramp / crop."""
+  w = blend_profile(window, window // 2 if stride is None else stride, blend)
   return np.outer(w, w).astype(np.float32)
+
+
+class WindowSettings(NamedTuple):
+  window: int
+  stride: int
+  blend: str
+  batch_size: int
+
+
+DETECTION_QUANTUM = 64  # window sides are multiples of the coarsest detection stride (P6)
+
+
+def window_settings(ev, height: int, width: int) -> WindowSettings:
+  """The windows for an (height, width) image under config.eval `ev` (module docstring).
+
+  In 'throughput' mode the batch holds as many windows as config.eval.batch_size windows of
+  config.eval.window pixels would (at least 1), and never more windows than the image needs.
+  """
+  mode = ev.get('windows', 'throughput')
+  if mode == 'fixed':
+    return WindowSettings(int(ev.window), int(ev.stride), 'hann', int(ev.batch_size))
+  if mode != 'throughput':
+    raise ValueError(f'unknown eval.windows {mode!r}: throughput | fixed')
+  margin = int(ev.get('margin', 32))
+  largest = int(ev.get('max_window', 1024))
+  if largest % DETECTION_QUANTUM or largest <= 2 * margin or margin < 0:
+    raise ValueError(f'eval.max_window {largest} must be a multiple of {DETECTION_QUANTUM} and '
+                     f'larger than 2 * eval.margin ({2 * margin})')
+  best = None
+  for window in range(largest, 2 * margin, -DETECTION_QUANTUM):  # the fewest network pixels
+    stride = window - 2 * margin
+    count = (len(axis_layout(height, window=window, stride=stride).starts)
+             * len(axis_layout(width, window=window, stride=stride).starts))
+    if best is None or count * window ** 2 < best[0]:
+      best = (count * window ** 2, window, stride, count)
+  _, window, stride, count = best
+  budget = int(ev.batch_size) * int(ev.window) ** 2  # pixels per device call, as 'fixed' has
+  batch = max(1, min(budget // window ** 2, count))
+  return WindowSettings(window, stride, ev.get('blend', 'ramp'), batch)
 
 
 def pad_image(image: np.ndarray, rows: AxisLayout, cols: AxisLayout) -> np.ndarray:
@@ -77,7 +149,7 @@ PredictWindows = Callable[[np.ndarray], dict]
 
 def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, window: int, stride: int,
                     batch_size: int, score_threshold: float, max_detections: int,
-                    core_only: bool = True, timer: dict | None = None):
+                    core_only: bool = True, blend: str = 'hann', timer: dict | None = None):
   """Stitched probability map and image-coordinate detections (before NMS) of one image.
 
   image: (H, W, 3) uint8. predict_windows: (b, window, window, 3) uint8 -> {'segmentation':
@@ -85,6 +157,7 @@ def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, windo
   windows (the last batch is padded with black windows) so a jitted forward compiles once.
   Returns (probability (H, W) float32, Detections in image coordinates, unsorted).
   `timer`, if given, accumulates the seconds spent inside `predict_windows` under 'network'.
+  `blend`: 'hann' | 'ramp' | 'crop' (module docstring).
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
@@ -94,9 +167,9 @@ def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, windo
   cols = axis_layout(width, window=window, stride=stride)
   padded = pad_image(image, rows, cols)  # (Hp, Wp, 3)
   origins = np.stack(np.meshgrid(rows.starts, cols.starts, indexing='ij'), -1).reshape(-1, 2)
-  weights = blend_weights(window)  # (win, win)
+  profile = blend_profile(window, stride, blend)  # (win,)
+  weights = np.outer(profile, profile).astype(np.float32)  # (win, win)
   prob_sum = np.zeros(padded.shape[:2], np.float32)  # (Hp, Wp)
-  weight_sum = np.zeros(padded.shape[:2], np.float32)
   found = []
 
   def window_batch(k):
@@ -122,20 +195,31 @@ def predict_sliding(image: np.ndarray, *, predict_windows: PredictWindows, windo
     if n + 1 < len(starts):  # dispatch the next batch before the host works on this one
       pending = call(window_batch(starts[n + 1]))
     count = min(batch_size, len(origins) - k)
-    probs = special.expit(np.asarray(outputs['segmentation'], np.float32)[:count])  # (b, win, win)
+    probs = np.array(outputs['segmentation'][:count], np.float32)  # (b, win, win), writable
+    special.expit(probs, out=probs)
     decoded = detections_lib.decode_detections(outputs['detection'], window=window,
                                                score_threshold=score_threshold,
                                                max_detections=max_detections)
     for m in range(count):
       r, c = origins[k + m]
-      prob_sum[r:r + window, c:c + window] += probs[m] * weights
-      weight_sum[r:r + window, c:c + window] += weights
+      probs[m] *= weights
+      prob_sum[r:r + window, c:c + window] += probs[m]
       found.append(_to_image(decoded[m], r, c, rows, cols, stride=stride, core_only=core_only,
                              height=height, width=width))
   top, left = rows.before, cols.before
-  probability = prob_sum[top:top + height, left:left + width] / weight_sum[top:top + height,
-                                                                           left:left + width]
-  return probability.astype(np.float32), detections_lib.concatenate(found)
+  # The weights are separable and the windows a grid, so their sum is an outer product too.
+  row_sum, col_sum = axis_weight_sum(rows, profile), axis_weight_sum(cols, profile)
+  probability = prob_sum[top:top + height, left:left + width]
+  probability /= np.outer(row_sum[top:top + height], col_sum[left:left + width]).astype(np.float32)
+  return probability, detections_lib.concatenate(found)
+
+
+def axis_weight_sum(layout: AxisLayout, profile: np.ndarray) -> np.ndarray:
+  """(padded,) float64: the blending profiles of all windows of one axis, summed."""
+  total = np.zeros(layout.padded)
+  for start in layout.starts:
+    total[start:start + layout.window] += profile
+  return total
 
 
 def _to_image(found: detections_lib.Detections, r: int, c: int, rows: AxisLayout, cols: AxisLayout,
