@@ -41,6 +41,7 @@ from donuseg_jax.inference import predictor
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 OUTPUT_SUFFIXES = ('.instances.tif', '.overlay.png')  # never taken as inputs when scanning folders
+MASK_SUFFIXES = ('.mask.tif', '.mask.tiff', '.mask.png')  # a folder dataset's label maps, not images
 OUTLINE_COLOR = (0, 255, 0)
 
 
@@ -64,7 +65,7 @@ def collect_inputs(paths) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
     if path.is_dir():
       found = sorted(p for p in path.iterdir() if p.is_file()
                      and p.suffix.lower() in IMAGE_SUFFIXES
-                     and not p.name.lower().endswith(OUTPUT_SUFFIXES))
+                     and not p.name.lower().endswith(OUTPUT_SUFFIXES + MASK_SUFFIXES))
       if not found:
         failed.append((str(path), f'folder holds no {"/".join(IMAGE_SUFFIXES)} images'))
       candidates = found
