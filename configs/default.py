@@ -23,7 +23,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # model initialisation and training randomness (fold_in(key, step))
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = 'synthetic'  # tnbc | consep | monuseg | cryonuseg | synthetic
+  data.name = 'synthetic'  # tnbc | consep | monuseg | cryonuseg | synthetic | folder
+  data.folder = ''  # folder dataset only: your images with point files (configs/folder.py)
   data.data_root = ''  # raw datasets; '' = $DONUSEG_DATA_ROOT, else ../shared/data beside the checkout
   data.tfds_dir = ''  # prepared TFDS array_record files; '' = $DONUSEG_TFDS_DIR, else ~/.cache/donuseg_jax/tfds
   data.fold = 0  # 5-fold CV: test = fold, val = fold + 1 (mod 5), train = the other three
@@ -59,6 +60,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.loc_hidden = 512  # width of the localization head's per-location layers
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
   model.pretrained = ''  # converted ImageNet ResNet weights (.npz from donuseg_jax.models.convert); '' = scratch
+  model.init_from = ''  # fine-tune: a trained run's work dir; its best checkpoint's weights start training
+  model.init_encoder_only = False  # with init_from: take only the encoder (and its BatchNorm statistics)
 
   config.loss = loss = ml_collections.ConfigDict()
   loss.use_det = True  # L_det (FCOS)

@@ -35,6 +35,7 @@ from donuseg_jax import cli
 from donuseg_jax import metrics
 from donuseg_jax import trained_run
 from donuseg_jax.data import patches
+from donuseg_jax.data import regions
 from donuseg_jax.inference import predictor
 
 PATCH_SIZE = 256  # crops of the `patch` protocol (the paper's evaluation patches)
@@ -85,7 +86,14 @@ def evaluate_examples(examples, *, predict_windows, config: ml_collections.Confi
     result = predictor.predict_image(example['image'], predict_windows=predict_windows,
                                      config=config)
     true, pred = np.asarray(example['instances']), result['instances']
-    if protocol == 'image':
+    points = example.get('points')
+    region = example.get('region')
+    if region is not None:  # partial annotation: score inside the annotated regions only
+      true, pred = regions.keep_inside(true, region), regions.keep_inside(pred, region)
+      points = np.asarray(points).reshape(-1, 2)[regions.points_inside(points, region)]
+    if not example.get('has_mask', True):
+      pairs = []  # no ground-truth mask (a user's image): point F1 only
+    elif protocol == 'image':
       pairs = [(true, pred)]
     else:
       grid = patches.patch_grid(*true.shape, size=PATCH_SIZE, stride=PATCH_STRIDE)
@@ -99,13 +107,15 @@ def evaluate_examples(examples, *, predict_windows, config: ml_collections.Confi
              'n_true': int(len(np.unique(true[true > 0]))),
              'n_pred': int(len(result['instance_scores'])),
              'seconds': time.perf_counter() - start}
-    entry.update({name: float(np.mean([v[name] for v in values])) for name in metrics.METRIC_NAMES})
-    if 'points' in example:
-      entry['point_f1'] = point_f1(example['points'], pred)
+    entry.update({name: float(np.mean([v[name] for v in values]) if values else np.nan)
+                  for name in metrics.METRIC_NAMES})
+    if points is not None:
+      entry['point_f1'] = point_f1(points, pred)
     if protocol == 'patch':
       entry['n_patches'] = len(pairs)
     per_image.append(entry)
-  summary = metrics.summarize(unit_metrics)
+  nan = {name: {'mean': np.nan, 'std': np.nan} for name in metrics.METRIC_NAMES}  # no mask at all
+  summary = metrics.summarize(unit_metrics) if unit_metrics else nan
   mean = {name: summary[name]['mean'] for name in metrics.METRIC_NAMES}
   std = {name: summary[name]['std'] for name in metrics.METRIC_NAMES}
   if all('point_f1' in entry for entry in per_image):
@@ -113,7 +123,8 @@ def evaluate_examples(examples, *, predict_windows, config: ml_collections.Confi
     mean['point_f1'], std['point_f1'] = float(np.mean(values)), float(np.std(values))
   return {'protocol': protocol, 'method': config.eval.instance_method, 'units': len(unit_metrics),
           'per_image': per_image, 'mean': mean, 'std': std,
-          'aggregate': {k: float(v) for k, v in metrics.aggregate(unit_counts).items()}}
+          'aggregate': ({k: float(v) for k, v in metrics.aggregate(unit_counts).items()}
+                        if unit_counts else {k: v['mean'] for k, v in nan.items()})}
 
 
 class Validator:

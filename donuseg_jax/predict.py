@@ -64,6 +64,7 @@ from donuseg_jax.inference import tiles
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 OUTPUT_SUFFIXES = ('.instances.tif', '.overlay.png', '.preview.png')  # never taken as inputs
+MASK_SUFFIXES = ('.mask.tif', '.mask.tiff', '.mask.png')  # a folder dataset's label maps, not images
 OUTLINE_COLOR = outputs.OUTLINE_COLOR
 SMALL_IMAGE_PIXELS = 1 << 24  # 16 MP (4096 x 4096): label map and full overlay by default
 # A tile's region (core + 2 halos) of 2880 = 1024 + 2 * 960 pixels is covered exactly by 3 x 3
@@ -93,7 +94,7 @@ def collect_inputs(paths) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
     if path.is_dir():
       found = sorted(p for p in path.iterdir() if p.is_file()
                      and p.suffix.lower() in IMAGE_SUFFIXES
-                     and not p.name.lower().endswith(OUTPUT_SUFFIXES))
+                     and not p.name.lower().endswith(OUTPUT_SUFFIXES + MASK_SUFFIXES))
       if not found:
         failed.append((str(path), f'folder holds no {"/".join(IMAGE_SUFFIXES)} images'))
       candidates = found

@@ -35,6 +35,7 @@ from donuseg_jax import run_log
 from donuseg_jax import trained_run
 from donuseg_jax.data import folds
 from donuseg_jax.data import pipeline
+from donuseg_jax.models import init_from
 
 
 @flax.struct.dataclass
@@ -147,6 +148,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
 
   graphdef, state, tx, schedule = create_train_state(config, total_steps=total_steps)
+  if config.model.get('init_from'):  # fine-tuning; a resumed run's own checkpoint wins below
+    params, batch_stats = init_from.load_weights(
+        config.model.init_from, params=state.params, batch_stats=state.batch_stats,
+        encoder_only=config.model.get('init_encoder_only', False))
+    state = state.replace(params=params, batch_stats=batch_stats)
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
   if ckpts.latest_step() is not None:

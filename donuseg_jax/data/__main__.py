@@ -14,6 +14,7 @@ import numpy as np
 
 from donuseg_jax import cli
 from donuseg_jax.data import datasets
+from donuseg_jax.data import folder
 from donuseg_jax.data import images
 from donuseg_jax.data.readers import consep
 from donuseg_jax.data.readers import cryonuseg
@@ -24,6 +25,8 @@ from donuseg_jax.data.readers import tnbc
 def summarize(name: str, *, data_root=None, tfds_dir=None, synthetic_images: int = 40,
               synthetic_size: int = 512, download: bool = False) -> dict:
   """Counts over the prepared TFDS dataset (prepared first if needed)."""
+  if name == 'folder':  # a user's folder (--data_dir), read directly
+    return folder.summarize(data_root)
   builder = datasets.create_builder(name, data_root=data_root, tfds_dir=tfds_dir,
                                     synthetic_images=synthetic_images, synthetic_size=synthetic_size,
                                     download=download)

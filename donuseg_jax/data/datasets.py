@@ -26,6 +26,7 @@ from donuseg_jax.data.builders.synthetic import synthetic_dataset_builder
 from donuseg_jax.data.builders.tnbc import tnbc_dataset_builder
 from donuseg_jax.data.readers import consep
 from donuseg_jax.data.readers import cryonuseg
+from donuseg_jax.data.readers import folder
 from donuseg_jax.data.readers import monuseg
 from donuseg_jax.data.readers import tnbc
 
@@ -34,7 +35,7 @@ from donuseg_jax.data.readers import tnbc
 class Dataset:
   folders: tuple  # raw folder names under the data root, first existing one wins ('' = none)
   layout: str  # what the folder must hold, for error messages
-  builder: type  # TFDS builder class
+  builder: type | None  # TFDS builder class (None: read directly, without TFDS)
 
 
 DATASETS = {
@@ -44,6 +45,8 @@ DATASETS = {
     'cryonuseg': Dataset(('cryonuseg', 'cryonuseg_pilot'), cryonuseg.LAYOUT,
                          cryonuseg_dataset_builder.Builder),
     'synthetic': Dataset((), 'nothing (generated)', synthetic_dataset_builder.Builder),
+    # A user's folder (data_root = the folder itself), read directly: see data/folder.py.
+    'folder': Dataset((), folder.LAYOUT, None),
 }
 
 
@@ -68,6 +71,8 @@ def list_image_ids(name: str, *, data_root=None, subset: str | None = None,
   """
   if name == 'synthetic':
     return synthetic.list_ids(synthetic_images)
+  if name == 'folder':
+    return sorted(entry.stem for entry in folder.scan(data_root).entries)
   root = raw_dir(name, data_root=data_root)
   if name == 'tnbc':
     return tnbc.list_ids(root)
@@ -99,6 +104,8 @@ def create_builder(name: str, *, data_root=None, tfds_dir=None, synthetic_images
   datasets have no public direct download).
   """
   dataset = _get(name)
+  if dataset.builder is None:
+    raise ValueError(f'{name} is read directly, it has no TFDS builder (see data/folder.py)')
   kwargs = {'data_dir': str(paths.tfds_dir(str(tfds_dir or ''))), 'file_format': 'array_record'}
   if name == 'synthetic':
     config = synthetic_dataset_builder.make_config(num_images=synthetic_images, size=synthetic_size)
@@ -125,6 +132,8 @@ def load_examples(name: str, *, data_root=None, tfds_dir=None, subset: str | Non
   are str. Splits: 'train' for every dataset, plus 'test' for CoNSeP (official) and MoNuSeg (when
   MoNuSegTestData/ is present).
   """
+  if name == 'folder':  # data_root is the folder; no TFDS files
+    return [folder.read_example(entry) for entry in folder.scan(data_root).entries]
   builder = create_builder(name, data_root=data_root, tfds_dir=tfds_dir,
                            synthetic_images=synthetic_images, synthetic_size=synthetic_size,
                            download=download)

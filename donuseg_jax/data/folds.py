@@ -4,6 +4,7 @@ from absl import logging
 import ml_collections
 
 from donuseg_jax.data import datasets
+from donuseg_jax.data import folder
 from donuseg_jax.data import splits
 from donuseg_jax.data.readers import monuseg
 
@@ -11,6 +12,8 @@ from donuseg_jax.data.readers import monuseg
 def load_fold_examples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   """Reads the dataset of `config.data` and splits it by image id into train, val and test."""
   data = config.data
+  if data.name == 'folder':  # a user's folder: read directly, split by its own rules
+    return folder.load_fold_examples(data)
   split = splits.load_split(data.name, data.fold, data_root=data.data_root or None,
                             scheme=data.split_scheme, synthetic_images=data.synthetic_images)
   subsets = _subsets(data)

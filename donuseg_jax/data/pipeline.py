@@ -16,6 +16,15 @@ epochs). Sample g draws its crop position (uniform), flips, quarter turns and co
 generator seeded by (seed, g) alone, so a process that builds only its rows of the global batch
 (`process_index` / `process_count`, for several hosts) gets the same rows as a single process.
 
+Partial annotation. An example may carry `region` ((H, W) bool, True = annotated; `data.regions`).
+Outside it nothing is known, so nothing there may act as background: `prepare_image` sets M to -1
+(ignored) and paints the image white (PAD_VALUE), exactly as the padding of a small image. Every
+loss then sees outside the region only empty glass, never unclicked tissue called background (the
+FCOS detection loss has no ignore mask: it calls every location without a box negative; the CAMs
+behind DCS and CCL find no nucleus on white). Such an image owns max(1, ceil(annotated pixels /
+S^2)) slots, and its crops are drawn around an annotated pixel chosen uniformly (the crop is then
+uniform among the positions that hold that pixel), so every crop holds annotated area.
+
 Points. A point belongs to the crop when its pixel (round half up) does; the first `max_points`
 such points (in the image's point order) are kept, the rest dropped. Boxes are the whole-image
 boxes of the kept points, translated and clipped to the crop extent [-0.5, S - 0.5].
@@ -33,6 +42,7 @@ from donuseg_jax.data import augment
 from donuseg_jax.data import batch as batch_lib
 from donuseg_jax.data import points as points_lib
 from donuseg_jax.data import pseudo_labels
+from donuseg_jax.data import regions
 
 PAD_VALUE = 255  # image padding: white, as empty glass
 
@@ -56,6 +66,15 @@ def prepare_image(example: dict, *, labels: ml_collections.ConfigDict, crop_size
   points = np.asarray(example['points'], np.float32).reshape(-1, 2)
   points_lib.check_points_inside(points, (height, width), name or 'example')
   label_m = pseudo_labels.make_initial_label(image, points, labels=labels)
+  region = example.get('region')
+  if region is not None:
+    region = np.asarray(region, bool)
+    if region.shape != (height, width):
+      raise ValueError(f'{name}: region {region.shape} does not match image {image.shape}')
+    if not regions.points_inside(points, region).all():
+      raise ValueError(f'{name}: points outside the annotated region (readers drop them)')
+    label_m = np.where(region, label_m, batch_lib.IGNORE).astype(np.int8)
+    image = np.where(region[..., None], image, np.uint8(PAD_VALUE))
   boxes = pseudo_labels.pseudo_boxes(
       points, (height, width), ratio=labels.box_ratio, range_split=labels.box_range_split,
       s_min=labels.box_min, s_max=labels.box_max)
@@ -64,8 +83,10 @@ def prepare_image(example: dict, *, labels: ml_collections.ConfigDict, crop_size
     image = np.pad(image, pad + ((0, 0),), constant_values=PAD_VALUE)
     label_m = np.pad(label_m, pad, constant_values=batch_lib.IGNORE)
     instances = np.pad(instances, pad, constant_values=0)
+    region = None if region is None else np.pad(region, pad, constant_values=False)
   return {'image': image, 'label_m': label_m, 'instances': instances, 'points': points,
-          'boxes': boxes, 'id': name, 'group': example.get('group', ''), 'shape': (height, width)}
+          'boxes': boxes, 'id': name, 'group': example.get('group', ''), 'shape': (height, width),
+          'region': region}
 
 
 def prepare_images(examples: Sequence[dict], *, config: ml_collections.ConfigDict) -> list[dict]:
@@ -75,8 +96,10 @@ def prepare_images(examples: Sequence[dict], *, config: ml_collections.ConfigDic
 
 
 def image_slots(prepared: Sequence[dict], *, crop_size: int) -> np.ndarray:
-  """(sum of slots,) int64: image index of each slot, ceil(H/S) * ceil(W/S) slots per image."""
+  """(sum of slots,) int64: image index of each slot, ceil(H/S) * ceil(W/S) slots per image
+  (max(1, ceil(annotated pixels / S^2)) for an image with a region)."""
   counts = [math.ceil(p['image'].shape[0] / crop_size) * math.ceil(p['image'].shape[1] / crop_size)
+            if p.get('region') is None else max(1, math.ceil(p['region'].sum() / crop_size ** 2))
             for p in prepared]
   return np.repeat(np.arange(len(prepared)), counts)
 
@@ -116,6 +139,9 @@ class TrainBatches:
     self.slots = image_slots(self.prepared, crop_size=self.crop_size)
     self.steps_per_epoch = math.ceil(len(self.slots) / self.batch_size)
     self._orders = {}  # epoch -> slot permutation
+    # Partially annotated images: annotated pixels counted up to each row's end, to draw one.
+    self._region_rows = [None if p.get('region') is None else np.cumsum(p['region'].sum(axis=1))
+                         for p in self.prepared]
 
   @property
   def local_batch_size(self) -> int:
@@ -144,9 +170,7 @@ class TrainBatches:
     image_index = self.sample_image(index)
     source = self.prepared[image_index]
     size = self.crop_size
-    height, width = source['image'].shape[:2]
-    y0 = int(rng.integers(0, height - size + 1))
-    x0 = int(rng.integers(0, width - size + 1))
+    y0, x0 = self._crop_origin(image_index, rng)
     hflip, vflip = bool(rng.integers(2)), bool(rng.integers(2))
     rot = int(rng.integers(4))
     geometry = dict(hflip=hflip, vflip=vflip, rot=rot)
@@ -180,6 +204,21 @@ class TrainBatches:
     out['box_valid'] = out['point_valid'].copy()
     out['image'] = augment.color_jitter(out['image'], mode=self.color_jitter, rng=rng)
     return out
+
+  def _crop_origin(self, image_index: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left (y0, x0) of a crop: uniform, or around a uniform annotated pixel (regions)."""
+    source = self.prepared[image_index]
+    size = self.crop_size
+    height, width = source['image'].shape[:2]
+    rows = self._region_rows[image_index]
+    if rows is None:
+      return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    k = int(rng.integers(rows[-1]))  # the k-th annotated pixel in raster order
+    row = int(np.searchsorted(rows, k, side='right'))
+    col = int(np.flatnonzero(source['region'][row])[k - (rows[row - 1] if row else 0)])
+    y0 = int(rng.integers(max(0, row - size + 1), min(row, height - size) + 1))
+    x0 = int(rng.integers(max(0, col - size + 1), min(col, width - size) + 1))
+    return y0, x0
 
   def batch_at(self, step: int) -> dict:
     """This process's rows of global batch `step` (all rows with one process)."""

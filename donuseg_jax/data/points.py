@@ -133,6 +133,38 @@ def read_points_geojson(path, *, origin: str = 'corner') -> np.ndarray:
   (its index in the document, and its id or name when it has one). A Feature with a null geometry
   is skipped, as GeoJSON allows. Duplicated points are dropped as `read_points` says.
   """
+  points, _, skipped = _read_geojson(path, origin)
+  if not len(points) and skipped:
+    raise DataError(f'{path}: no Point or MultiPoint geometry (found {_shorten(sorted(skipped))})')
+  return points
+
+
+# QuPath object types that are results, not a user's annotation: never an annotated region.
+# QuPath >= 0.3 writes properties.objectType; 0.2 wrote the class name as the Feature's id.
+RESULT_OBJECT_TYPES = ('detection', 'cell', 'tile', 'pathdetectionobject', 'pathcellobject',
+                       'pathtileobject')
+
+
+def read_annotations_geojson(path, *, origin: str = 'corner') -> tuple[np.ndarray, list]:
+  """Points and annotated regions of a QuPath GeoJSON export: (points (K, 2), polygons).
+
+  Points as `read_points_geojson`. Each Polygon / MultiPolygon annotation (a rectangle, ellipse or
+  freehand region drawn in QuPath) is a region; detections and cells (properties.objectType
+  'detection' / 'cell', or QuPath 0.2's ids PathDetectionObject / PathCellObject, e.g. a
+  prediction imported back) are skipped. A polygon is a list of rings (the outer ring, then
+  holes), each a (n, 2) float64 array of (x, y) on the pixel-centre grid (`origin` as for the
+  points). A file with regions and no point is valid (regions with no nucleus); one with neither
+  is an error naming what it holds.
+  """
+  points, polygons, skipped = _read_geojson(path, origin, with_polygons=True)
+  if not len(points) and not polygons:
+    found = f' (found {_shorten(sorted(skipped))})' if skipped else ''
+    raise DataError(f'{path}: no Point, MultiPoint or Polygon annotation{found}')
+  return points, polygons
+
+
+def _read_geojson(path, origin: str, *, with_polygons: bool = False):
+  """(points (K, 2) float32, polygons, skipped geometry types) of a GeoJSON file."""
   path = pathlib.Path(path)
   try:
     data = json.loads(_read_text(path))
@@ -140,9 +172,11 @@ def read_points_geojson(path, *, origin: str = 'corner') -> np.ndarray:
     raise DataError(f'{path}: not valid JSON ({error})') from error
   except RecursionError as error:
     raise DataError(f'{path}: JSON nested too deeply to be a point file') from error
-  points, skipped = [], set()
+  if origin not in ('center', 'corner'):
+    raise ValueError(f"origin must be 'center' or 'corner', got {origin!r}")
+  points, polygons, skipped = [], [], set()
   try:
-    for where, geometry in _geometries(data, path, 'the document'):
+    for where, geometry, is_result in _geometries(data, path, 'the document'):
       kind = geometry.get('type')
       coordinates = geometry.get('coordinates')
       if kind == 'Point':
@@ -153,17 +187,45 @@ def read_points_geojson(path, *, origin: str = 'corner') -> np.ndarray:
                           f'positions, found {_describe(coordinates)}')
         for k, point in enumerate(coordinates):
           points.append(_position(point, path, f'{where}: MultiPoint position {k}'))
+      elif with_polygons and kind in ('Polygon', 'MultiPolygon') and not is_result:
+        members = [coordinates] if kind == 'Polygon' else coordinates
+        if not isinstance(members, list):
+          raise DataError(f'{path}: {where}: MultiPolygon coordinates must be a list of polygons, '
+                          f'found {_describe(members)}')
+        shift = 0.5 if origin == 'corner' else 0.0
+        for k, member in enumerate(members):
+          label = f'{where}: {kind}' + (f' polygon {k}' if kind == 'MultiPolygon' else '')
+          polygons.append([ring - shift for ring in _rings(member, path, label)])
       else:
         skipped.add(str(kind))
   except RecursionError as error:
     raise DataError(f'{path}: GeoJSON geometries nested too deeply') from error
-  if not points and skipped:
-    raise DataError(f'{path}: no Point or MultiPoint geometry (found {_shorten(sorted(skipped))})')
-  return _finish(points, path, origin)
+  return _finish(points, path, origin), polygons, skipped
 
 
-def _geometries(data, path, where: str):
-  """Yields (where, geometry dict) for every geometry of a GeoJSON document; `where` names it."""
+def _rings(value, path, where: str) -> list[np.ndarray]:
+  """The rings of one GeoJSON polygon: (n, 2) float64 arrays of at least 3 distinct positions."""
+  if not isinstance(value, list) or not value:
+    raise DataError(f'{path}: {where}: coordinates must be a list of rings, found '
+                    f'{_describe(value)}')
+  rings = []
+  for index, ring in enumerate(value):
+    name = f'{where} ring {index}'
+    if not isinstance(ring, list):
+      raise DataError(f'{path}: {name}: must be a list of [x, y] positions, found '
+                      f'{_describe(ring)}')
+    array = np.array([_position(p, path, f'{name} position {k}') for k, p in enumerate(ring)],
+                     np.float64).reshape(-1, 2)
+    if len(np.unique(array, axis=0)) < 3:
+      raise DataError(f'{path}: {name}: a ring needs at least 3 distinct positions, found '
+                      f'{len(np.unique(array, axis=0))}')
+    rings.append(array)
+  return rings
+
+
+def _geometries(data, path, where: str, is_result: bool = False):
+  """Yields (where, geometry dict, is_result) for every geometry of a GeoJSON document; `where`
+  names it, `is_result` says its Feature is a QuPath detection or cell (RESULT_OBJECT_TYPES)."""
   if isinstance(data, list) and where == 'the document':  # a bare list of Features
     for index, item in enumerate(data):
       yield from _geometries(item, path, _feature_name(item, index))
@@ -181,18 +243,30 @@ def _geometries(data, path, where: str):
   elif kind == 'Feature':
     geometry = data.get('geometry')
     if geometry is not None and geometry != {}:  # null geometry: an unlocated Feature, skipped
-      yield from _geometries(geometry, path, where if where != 'the document' else 'the Feature')
+      yield from _geometries(geometry, path, where if where != 'the document' else 'the Feature',
+                             _is_result(data))
   elif kind == 'GeometryCollection':
     members = data.get('geometries', [])
     if not isinstance(members, list):
       raise DataError(f'{path}: {where}: GeometryCollection "geometries" must be a list, found '
                       f'{_describe(members)}')
     for index, item in enumerate(members):
-      yield from _geometries(item, path, f'{where}, geometry {index}')
+      yield from _geometries(item, path, f'{where}, geometry {index}', is_result)
   elif 'coordinates' in data:
-    yield where, data
+    yield where, data, is_result
   else:
     raise DataError(f'{path}: {where}: unrecognised GeoJSON object of type {_shorten(kind)}')
+
+
+def _is_result(feature: dict) -> bool:
+  """Whether a Feature is a QuPath detection / cell (a result), not an annotation."""
+  properties = feature.get('properties')
+  object_type = properties.get('objectType') if isinstance(properties, dict) else None
+  if object_type is None and isinstance(properties, dict):
+    object_type = properties.get('object_type')
+  if object_type is None:
+    object_type = feature.get('id')  # QuPath 0.2: 'PathDetectionObject', ...
+  return isinstance(object_type, str) and object_type.lower() in RESULT_OBJECT_TYPES
 
 
 def _feature_name(feature, index: int) -> str:
