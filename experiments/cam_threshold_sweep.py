@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from donuseg_jax import losses  # noqa: E402
 from donuseg_jax import models  # noqa: E402
-from donuseg_jax import train  # noqa: E402
+from donuseg_jax import trained_run  # noqa: E402
 from donuseg_jax.data import folds  # noqa: E402
 from donuseg_jax.data import pseudo_labels  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
   args = parser.parse_args()
   thetas = [float(t) for t in args.thetas.split(',')]
 
-  config, graphdef, params, batch_stats = train.load_trained_model(args.workdir, which=args.which)
+  config, graphdef, params, batch_stats = trained_run.load_trained_model(args.workdir, which=args.which)
   examples = folds.load_fold_examples(config)['val']
   items = [t for example in examples for t in tiles(example, labels=config.labels)]
   images = np.stack([t[0] for t in items])

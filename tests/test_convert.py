@@ -197,6 +197,7 @@ def test_reads_pth_and_safetensors(resnet50_files, tmp_path):
   state = convert.read_state_dict(pth)
   np.testing.assert_array_equal(state['layer1.0.bn1.running_var'], net.layer1[0].bn1.running_var.numpy())
   if importlib.util.find_spec('safetensors') is None:  # optional dependency: a clear error instead
+    (tmp_path / 'weights.safetensors').write_bytes(b'\0' * 16)  # exists: the package is missing
     with pytest.raises(ImportError, match='safetensors'):
       convert.read_state_dict(tmp_path / 'weights.safetensors')
   else:

@@ -26,6 +26,7 @@ from donuseg_jax import evaluate
 from donuseg_jax import models
 from donuseg_jax import predict
 from donuseg_jax import train
+from donuseg_jax import trained_run
 from donuseg_jax.data import folder
 from donuseg_jax.data import images
 from donuseg_jax.data import pipeline
@@ -141,7 +142,7 @@ def round_trip(tiles, tmp_path_factory):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     summary = train.train_and_evaluate(smoke_config(root), workdir)
-  config, graphdef, params, batch_stats = train.load_trained_model(workdir)
+  config, graphdef, params, batch_stats = trained_run.load_trained_model(workdir)
   from donuseg_jax.inference import predictor  # noqa: PLC0415
   output = base / 'predicted'
   result = predict.predict_paths(
@@ -389,11 +390,11 @@ def test_folder_config_variants():
 def test_init_from_starts_from_the_runs_best_weights(round_trip, tmp_path):
   """One step from the source's best weights stays next to them, far from a fresh init (the
   config is the round trip's, so the compiled step is reused)."""
-  source = init_from._flat(train.load_trained_model(round_trip['workdir'])[2])[0]
+  source = init_from._flat(trained_run.load_trained_model(round_trip['workdir'])[2])[0]
   config = smoke_config(round_trip['root'], **{'model.init_from': str(round_trip['workdir']),
                                                'train.max_steps': 1})
   train.train_and_evaluate(config, tmp_path / 'tuned')
-  tuned = init_from._flat(train.load_trained_model(tmp_path / 'tuned', which='latest')[2])[0]
+  tuned = init_from._flat(trained_run.load_trained_model(tmp_path / 'tuned', which='latest')[2])[0]
   fresh = init_from._flat(train.create_train_state(config, total_steps=1)[1].params)[0]
   def distance(a, b):
     return sum(float(np.sum((np.asarray(a[k]) - np.asarray(b[k])) ** 2)) for k in source)
@@ -401,7 +402,7 @@ def test_init_from_starts_from_the_runs_best_weights(round_trip, tmp_path):
 
 
 def test_init_encoder_only_takes_the_encoder_alone(round_trip):
-  _, graphdef, source_params, source_stats = train.load_trained_model(round_trip['workdir'])
+  _, graphdef, source_params, source_stats = trained_run.load_trained_model(round_trip['workdir'])
   config = folder_config.get_config('smoke')
   config.unlock()
   config.seed = 1  # another init than the source's

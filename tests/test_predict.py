@@ -190,11 +190,13 @@ def test_unwritable_output_is_reported_before_any_work(tmp_path, capsys):
 def write_smoke_run(workdir, config):
   """A training work dir as train.py leaves it (config.json + an Orbax checkpoint), untrained."""
   from donuseg_jax import checkpoints  # noqa: PLC0415 (imports JAX and the model)
+  import jax.numpy as jnp  # noqa: PLC0415
   from donuseg_jax import train  # noqa: PLC0415
 
   workdir.mkdir(parents=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   _, state, _, _ = train.create_train_state(config, total_steps=1)
+  state = state.replace(step=jnp.asarray(1, state.step.dtype))  # restore checks the saved step
   ckpts = checkpoints.RunCheckpoints(workdir, async_save=False)
   ckpts.save_latest(1, state, {'step': 1})
   ckpts.wait()

@@ -20,9 +20,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from donuseg_jax import checkpoints
 
 ENCODER = 'encoder'  # attribute of the DoNuSeg module holding the ResNet
 
@@ -46,18 +44,12 @@ def load_weights(workdir, *, params, batch_stats, encoder_only: bool = False):
 
 
 def _restore_raw(workdir: pathlib.Path) -> dict:
-  """The saved train state of the best (else latest) checkpoint as nested dicts of arrays."""
-  ckpts = checkpoints.RunCheckpoints(workdir, async_save=False)
-  try:
-    manager, step = ckpts.best, ckpts.best_step()
-    if step is None:
-      manager, step = ckpts.latest, ckpts.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'model.init_from={workdir}: the run holds no checkpoint yet')
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    ckpts.close()
-  return restored['state']
+  """The best (else latest) intact checkpoint's params and batch_stats, as the run's own model
+  (built from its recorded config) holds them. Read-only: the source run is not touched."""
+  from donuseg_jax import trained_run  # noqa: PLC0415 (trained_run imports the model package)
+
+  _, _, params, batch_stats = trained_run.load_trained_model(workdir, which='best')
+  return {'params': params, 'batch_stats': batch_stats}
 
 
 def _flat(tree) -> tuple[dict, object]:

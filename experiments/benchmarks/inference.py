@@ -125,9 +125,9 @@ def eval_config(config, setting: str):
 
 
 def load_run(workdir):
-  from donuseg_jax import train  # noqa: PLC0415
+  from donuseg_jax import trained_run  # noqa: PLC0415
 
-  return train.load_trained_model(workdir, which='best')
+  return trained_run.load_trained_model(workdir, which='best')
 
 
 def timed_predict(image, predict_windows, config):
