@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+import test_train
 from donuseg_jax import run_log
 from donuseg_jax import train
 from donuseg_jax import trained_run
@@ -22,15 +22,7 @@ from donuseg_jax.data import folds
 from donuseg_jax.data import pipeline
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config(**train_overrides):
-  config = demo.get_config('smoke')
-  config.unlock()
-  for key, value in train_overrides.items():
-    setattr(config.train, key, value)
-  config.lock()
-  return config
+_config = test_train._smoke_config  # one smoke-config factory for both training test files
 
 
 def _latest_steps(workdir):
