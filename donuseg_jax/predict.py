@@ -356,7 +356,8 @@ def main(argv=None) -> int:
     config.eval.batch_size = args.batch_size
   summary = predict_paths(
       args.input, output,
-      predict_windows=predictor.make_predict_windows(graphdef, params, batch_stats),
+      predict_windows=predictor.make_predict_windows(graphdef, params, batch_stats,
+                                                     flips=config.eval.get('flip_tta', False)),
       config=config, overwrite=args.overwrite, run=f'{pathlib.Path(args.workdir).resolve()}:{args.which}',
       level=args.level, mpp=args.mpp,
       region=args.region, tile=args.tile, halo=args.halo, label_map=args.label_map,

@@ -24,7 +24,8 @@ def write_final_report(workdir: str | pathlib.Path) -> dict:
     print(f'test step skipped: {config.data.name} ({config.data.split_scheme} scheme) has no test '
           'images here (MoNuSeg: put MoNuSegTestData/ under the data root)', flush=True)
     return {}
-  predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats)
+  predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats,
+                                                   flips=config.eval.get('flip_tta', False))
   if config.eval.max_images:
     examples = examples[:config.eval.max_images]
   result = evaluate.evaluate_examples(examples, predict_windows=predict_windows, config=config,

@@ -350,3 +350,40 @@ def test_windows_are_sharded_over_the_devices():
                                           devices=devices[:1])
   assert single.device_count == 1
   np.testing.assert_allclose(single(images)['segmentation'], outputs['segmentation'], rtol=1e-6)
+
+
+def test_flip_views_and_their_mean_invert_each_other():
+  images = random_image(3 * 12, 10).reshape(3, 12, 10, 3)
+  views = np.asarray(predictor.flip_views(images))
+  assert views.shape == (12, 12, 10, 3)
+  np.testing.assert_array_equal(views[3:6], images[:, :, ::-1])
+  np.testing.assert_array_equal(views[6:9], images[:, ::-1])
+  np.testing.assert_array_equal(views[9:], images[:, ::-1, ::-1])
+  # A map that is not flip-equivariant: each view's cumulative sum along its rows.
+  maps = np.cumsum(views[..., 0].astype(np.float32), axis=2)
+  want = (maps[:3] + maps[3:6, :, ::-1] + maps[6:9, ::-1] + maps[9:, ::-1, ::-1]) / 4
+  np.testing.assert_allclose(np.asarray(predictor.mean_of_flips(maps)), want, rtol=1e-6)
+  assert not np.allclose(want, maps[:3])  # the test would notice a mean of unflipped maps
+
+
+def test_flip_tta_averages_the_real_network_over_flipped_windows():
+  from flax import nnx  # noqa: PLC0415
+
+  from donuseg_jax import models  # noqa: PLC0415
+
+  config = default.get_config('smoke')
+  graphdef, params, batch_stats = nnx.split(models.create_model(config, rngs=nnx.Rngs(0)),
+                                            nnx.Param, nnx.BatchStat)
+  images = random_image(2 * 64, 64).reshape(2, 64, 64, 3)
+  plain = predictor.make_forward_windows(graphdef)
+  tta = predictor.make_forward_windows(graphdef, flips=True)(params, batch_stats, images)
+  views = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+  logits = [np.asarray(plain(params, batch_stats, np.ascontiguousarray(v))['segmentation'])
+            for v in views]
+  want = (logits[0] + logits[1][:, :, ::-1] + logits[2][:, ::-1] + logits[3][:, ::-1, ::-1]) / 4
+  np.testing.assert_allclose(np.asarray(tta['segmentation']), want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(want, logits[0], atol=1e-4)  # the flips really change the output
+  detection = plain(params, batch_stats, images)['detection']
+  for got, level in zip(tta['detection'], detection):  # detection: the windows as they are
+    for key in level:
+      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(level[key]), rtol=1e-4, atol=1e-5)

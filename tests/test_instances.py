@@ -146,3 +146,37 @@ def test_square_closing_equals_scipy():
                                   instances_lib.ndimage.binary_dilation(mask, square))
     np.testing.assert_array_equal(instances_lib._square_erosion(mask),
                                   instances_lib.ndimage.binary_erosion(mask, square))
+
+
+def test_growth_restores_a_nucleus_its_box_clips_and_never_crosses_background():
+  nucleus = disk(SHAPE, (20, 20), 8)
+  island = disk(SHAPE, (50, 20), 4)  # foreground out of reach of every instance
+  mask = nucleus | island
+  small_box = np.array([[16, 16, 24, 24]], np.float32)  # covers the centre only
+  clipped, _ = instances_lib.instances_from_boxes(mask, small_box, np.array([0.9]), closing=False)
+  assert (clipped == 1).sum() == 81  # the 9 x 9 box: the [code] assembly clips the nucleus
+  grown, kept = instances_lib.instances_from_boxes(mask, small_box, np.array([0.9]),
+                                                   closing=False, grow=20.0)
+  np.testing.assert_array_equal(grown == 1, nucleus)  # the whole disk, and only it
+  assert (grown[island] == 0).all() and len(kept) == 1
+  near, _ = instances_lib.instances_from_boxes(mask, small_box, np.array([0.9]), closing=False,
+                                               grow=2.0)
+  yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1]]
+  chebyshev = np.maximum(np.abs(xx - 20) - 4, np.abs(yy - 20) - 4)  # distance steps off the box
+  box_distance = np.hypot(np.clip(np.abs(xx - 20) - 4, 0, None), np.clip(np.abs(yy - 20) - 4, 0, None))
+  np.testing.assert_array_equal(near == 1, nucleus & (box_distance <= 2.0))
+  assert (near[nucleus & (chebyshev > 2)] == 0).all()
+
+
+def test_growth_splits_unclaimed_foreground_between_neighbours_by_distance():
+  mask = LEFT | RIGHT
+  boxes = np.array([[16, 16, 24, 24], [30, 16, 38, 24]], np.float32)  # centres of each disk
+  grown, _ = instances_lib.instances_from_boxes(mask, boxes, np.array([0.9, 0.8]), closing=False,
+                                                grow=30.0)
+  cols = np.arange(SHAPE[1])[None, :]
+  assert (grown[mask] > 0).all()
+  # Column 27 is equidistant from both boxes (x1 = 24, x0 = 30); left of it is nearer the left one.
+  np.testing.assert_array_equal(grown[mask & (cols < 27)], 1)
+  np.testing.assert_array_equal(grown[mask & (cols > 27)], 2)
+  plain, _ = instances_lib.instances_from_boxes(mask, boxes, np.array([0.9, 0.8]), closing=False)
+  assert ((plain > 0) & (plain != grown)).sum() == 0  # growth only adds pixels

@@ -58,7 +58,8 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
   found = detections_lib.select(found, keep)
   after_nms = time.perf_counter()
   instances, instance_scores = instances_lib.assemble_instances(
-      probability, found.boxes, found.scores, method=ev.instance_method)
+      probability, found.boxes, found.scores, method=ev.instance_method,
+      grow=ev.get('grow_px', 0.0))  # runs recorded before the setting existed lack it
   if timer is not None:
     network = clock.get('network', 0.0) - network_before
     clock['stitch'] = clock.get('stitch', 0.0) + after_windows - start - network
@@ -68,31 +69,55 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
               instances=instances, instance_scores=instance_scores)
 
 
-def make_forward_windows(graphdef):
+def flip_views(images):
+  """(b, h, w, c) -> (4b, h, w, c): the images, then flipped left-right, up-down, and both."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  return jnp.concatenate([images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]])
+
+
+def mean_of_flips(maps):
+  """(4b, h, w) maps of flip_views' images -> (b, h, w): each flipped back, then averaged."""
+  b = maps.shape[0] // 4
+  return (maps[:b] + maps[b:2 * b, :, ::-1] + maps[2 * b:3 * b, ::-1]
+          + maps[3 * b:, ::-1, ::-1]) / 4
+
+
+def make_forward_windows(graphdef, *, flips: bool = False):
   """jit((params, batch_stats, images (b, win, win, 3)) -> {'segmentation', 'detection'}), eval mode.
 
+  `flips` (config.eval.flip_tta): the segmentation logits are the mean over the four flips of each
+  window (test-time augmentation, 4x the network work); detection always comes from the window as
+  it is (FCOS boxes would need their sides swapped, and NMS already merges duplicates).
   Build it once per model and reuse it (e.g. across validations): each new one compiles again.
   """
   from donuseg_jax import models  # noqa: PLC0415 (stand-in networks need no model code)
 
   def forward_windows(params, batch_stats, images):
-    outputs, _ = models.forward(graphdef, params, batch_stats, images, train=False)
-    # Returning only these lets XLA drop the localization and projection heads from the program.
-    return {'segmentation': outputs['segmentation'], 'detection': outputs['detection']}
+    if not flips:
+      outputs, _ = models.forward(graphdef, params, batch_stats, images, train=False)
+      # Returning only these lets XLA drop the localization and projection heads from the program.
+      return {'segmentation': outputs['segmentation'], 'detection': outputs['detection']}
+    outputs, _ = models.forward(graphdef, params, batch_stats, flip_views(images), train=False)
+    b = images.shape[0]
+    return {'segmentation': mean_of_flips(outputs['segmentation']),
+            'detection': jax.tree.map(lambda x: x[:b], outputs['detection'])}
   return jax.jit(forward_windows)
 
 
-def make_predict_windows(graphdef, params, batch_stats, *, forward_windows=None, devices=None):
+def make_predict_windows(graphdef, params, batch_stats, *, forward_windows=None, devices=None,
+                         flips: bool = False):
   """The eval-mode network as `predict_windows(images (b, win, win, 3) uint8) -> outputs`.
 
   Returns device arrays without waiting for them, so the host can stitch one batch while the
-  device computes the next. `forward_windows` (from make_forward_windows) avoids recompiling.
+  device computes the next. `forward_windows` (from make_forward_windows) avoids recompiling;
+  without it, `flips` is make_forward_windows' test-time flip averaging.
   With several `devices` (default: this process's devices) the parameters are replicated once and
   each batch is split over them along a 1-D ('data',) mesh; a batch whose size is not a multiple of
   the device count is padded with black windows (and the padding dropped from the outputs).
   `predict_windows.device_count` tells callers which batch sizes avoid that padding.
   """
-  forward_windows = forward_windows or make_forward_windows(graphdef)
+  forward_windows = forward_windows or make_forward_windows(graphdef, flips=flips)
   devices = list(jax.local_devices() if devices is None else devices)
   count = len(devices)
   batched = None
