@@ -30,6 +30,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from donuseg_jax.data import datasets  # noqa: E402
+from donuseg_jax.data import images  # noqa: E402
 from donuseg_jax.data import splits  # noqa: E402
 from donuseg_jax.data.readers import tnbc  # noqa: E402
 
@@ -70,7 +71,10 @@ def main(argv=None) -> None:
   parser.add_argument('--data_root', default=None, help='raw datasets (default: paths.data_root())')
   parser.add_argument('--limit', type=int, default=0, help='first N ids of each part (0 = all)')
   args = parser.parse_args(argv)
-  split = write_folder(args.out, fold=args.fold, data_root=args.data_root, limit=args.limit)
+  try:
+    split = write_folder(args.out, fold=args.fold, data_root=args.data_root, limit=args.limit)
+  except images.DataError as error:  # e.g. no TNBC under the data root: one line, status 2
+    sys.exit(f'error: {error}')
   print(f'wrote {args.out}: ' + ', '.join(f'{part} {len(ids)}' for part, ids in split.items()))
 
 
