@@ -81,14 +81,20 @@ def report(error: BaseException, *, stream=None) -> int:
     print('interrupted', file=stream)
     return EXIT_INTERRUPTED
   if is_expected(error):
-    lines = message(error).strip().splitlines() or [type(error).__name__]
-    print(f'error: {lines[0]}', file=stream)
-    for line in lines[1:]:
-      print(f'  {line.strip()}' if not line.startswith(' ') else line, file=stream)
+    print_error(message(error).strip() or type(error).__name__, stream=stream)
     return EXIT_BAD_INPUT
   traceback.print_exception(error, file=stream)
   print(f'error: {type(error).__name__}: {error}\n{REPORT_HINT}', file=stream)
   return EXIT_BUG
+
+
+def print_error(text: str, *, stream=None) -> None:
+  """`error: <first line>`, further lines indented beneath it (so they read as one message)."""
+  stream = stream or sys.stderr
+  lines = text.strip().splitlines() or ['unknown error']
+  print(f'error: {lines[0]}', file=stream)
+  for line in lines[1:]:
+    print(f'  {line.strip()}' if not line.startswith(' ') else line, file=stream)
 
 
 def run(main, argv=None) -> int:
@@ -127,8 +133,8 @@ def parse_absl_flags(argv):
     return flags.FLAGS(argv)
   except Exception as error:  # noqa: BLE001 (config files and overrides raise many types)
     prefix = 'bad command line' if isinstance(error, flags.Error) else 'bad config or override'
-    print(f'error: {prefix}: {message(error)}', file=sys.stderr)
-    print(f'  see: {argv[0]} --helpfull' if argv else '', file=sys.stderr)
+    # ml_collections adds its 'Did you mean ...' on a second line: indented, it stays one message.
+    print_error(f'{prefix}: {message(error)}' + (f'\nsee: {argv[0]} --helpfull' if argv else ''))
     sys.exit(EXIT_BAD_INPUT)
 
 

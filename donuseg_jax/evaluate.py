@@ -178,13 +178,12 @@ def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which:
   from donuseg_jax.data import folds  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
+  # The output is checked first, from the recorded config alone: before the model is built.
+  protocol = protocol or (config or trained_run.read_config(workdir)).eval.protocol
+  path = pathlib.Path(output) if output else workdir / f'eval_{split}_{protocol}.json'
+  check_output_path(path, hint='' if output else '; pass --output=FILE.json')
   run = trained_run.load(workdir, which=which)
   run_config, graphdef, params, batch_stats = run.config, run.graphdef, run.params, run.batch_stats
-  protocol = protocol or (config or run_config).eval.protocol
-  path = pathlib.Path(output) if output else workdir / f'eval_{split}_{protocol}.json'
-  if not os.access(path.parent, os.W_OK):
-    raise cli.CommandError(f'cannot write {path}: its folder is missing or read-only'
-                           + ('' if output else '; pass --output=FILE.json'))
   config = run_config if config is None else config
   for key in ('name', 'fold', 'split_scheme'):
     if config.data[key] != run_config.data[key]:
@@ -200,6 +199,24 @@ def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which:
   atomic_io.write_json(path, result)
   result['path'] = str(path)
   return result
+
+
+def check_output_path(path: pathlib.Path, *, hint: str = '') -> None:
+  """CommandError unless `path` can be written: its folder exists, is a folder (not a file, which
+  os.access alone would accept) and is writable, and `path` is not itself a folder. Creates and
+  probes nothing: the default output lies inside the run, which evaluation does not touch."""
+  folder = path.parent
+  if path.is_dir():
+    problem = 'it is a folder; name a .json file'
+  elif not folder.exists():
+    problem = f'its folder {folder} does not exist'
+  elif not folder.is_dir():
+    problem = f'{folder} is a file, not a folder'
+  elif not os.access(folder, os.W_OK | os.X_OK):
+    problem = f'its folder {folder} is read-only'
+  else:
+    return
+  raise cli.CommandError(f'cannot write {path}: {problem}{hint}')
 
 
 def define_flags() -> dict:

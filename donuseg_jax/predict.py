@@ -56,6 +56,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from donuseg_jax import atomic_io
+from donuseg_jax import cli
 from donuseg_jax.data import images as images_lib
 from donuseg_jax.data import slides
 from donuseg_jax.inference import outputs
@@ -341,7 +342,6 @@ def main(argv=None) -> int:
   if not (pathlib.Path(args.workdir) / 'config.json').is_file():
     print(f'error: {args.workdir} is not a training work dir (no config.json)', file=sys.stderr)
     return 2
-  from donuseg_jax import cli  # noqa: PLC0415
   from donuseg_jax import trained_run  # noqa: PLC0415 (imports JAX and the model)
   try:
     config, graphdef, params, batch_stats = trained_run.load_trained_model(args.workdir, which=args.which)
@@ -377,4 +377,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))  # an unexpected error: its traceback and a request to report it

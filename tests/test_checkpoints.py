@@ -1,8 +1,14 @@
-"""RunCheckpoints: latest-k retention, best by validation AJI, restore to a sharded target."""
+"""RunCheckpoints: latest-k retention, best by validation AJI, restore to a sharded target, a full
+disk mid-save."""
+
+import errno
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from donuseg_jax import checkpoints
@@ -48,4 +54,62 @@ def test_restore_without_checkpoint_names_the_folder(tmp_path):
   with pytest.raises(checkpoints.CheckpointError) as error:
     ckpts.restore(_abstract(_state(0)), which='latest')
   assert 'latest' in str(error.value) and str(tmp_path) in str(error.value)
+  ckpts.close()
+
+
+async def _disk_full(self, item, directory):
+  """JsonCheckpointHandler's write on a full disk: a torn start of the file, then ENOSPC (the
+  arrays of the same step are being written beside it: the step is left half on disk)."""
+  path = directory / self._filename
+  path.write_text(json.dumps(item)[:5])
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize('which', ['latest', 'best'])
+def test_a_save_on_a_full_disk_fails_loudly_and_keeps_every_older_step(tmp_path, monkeypatch,
+                                                                      which):
+  """Retention counts only complete steps: a save that fails midway deletes nothing older, is
+  never taken as the newest step, and its error reaches the caller (training stops on it)."""
+  def save(ckpts, step):
+    if which == 'latest':
+      ckpts.save_latest(step, _state(step), {'step': step})
+    else:  # ever better scores: each one is kept as the new best
+      ckpts.save_best(step, _state(step), {'step': step}, score=step / 10)
+
+  ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    save(ckpts, step)
+  ckpts.wait()
+  kept = [2, 3] if which == 'latest' else [3]
+  assert ckpts.steps(which) == kept
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, '_save_fn', _disk_full)
+  with pytest.raises(OSError) as error:  # at the next save or at the wait, as Orbax reports it
+    save(ckpts, 4)
+    save(ckpts, 5)
+    ckpts.wait()
+  assert error.value.errno == errno.ENOSPC
+  ckpts.wait()
+  assert ckpts.steps(which) == kept
+
+  def check_intact(manager):
+    assert manager.steps(which) == kept
+    newest = manager.restore_intact(_abstract(_state(0)), which=which)
+    assert (newest.step, newest.damaged) == (3, [])
+    for step in kept:
+      assert checkpoints.verify_manifest(manager.step_dir(which, step)) is None
+      state, meta = manager.restore(_abstract(_state(0)), which=which, step=step)
+      np.testing.assert_array_equal(state['w'], np.full((3, 2), float(step)))
+      assert meta == {'step': step}
+
+  check_intact(ckpts)
+  again = checkpoints.RunCheckpoints(tmp_path, keep=2)  # a rerun after the crash sees the same
+  check_intact(again)
+  assert (again.latest_step() if which == 'latest' else again.best_step()) == 3
+  again.close()
+  # Space again: saving goes on, and retention with it.
+  monkeypatch.undo()
+  save(ckpts, 6)
+  ckpts.wait()
+  assert ckpts.steps(which) == ([3, 6] if which == 'latest' else [6])
   ckpts.close()

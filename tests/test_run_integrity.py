@@ -142,6 +142,18 @@ def test_changed_bytes_in_a_complete_checkpoint_fail_its_checksum(run_copy):
   assert 'checksum' in run.damaged[0][1] and str(victim) in run.damaged[0][1]
 
 
+def test_a_change_orbax_would_restore_is_caught_by_the_manifest(run_copy):
+  """A step's meta, changed to other valid JSON of the same size, restores without any error
+  from Orbax (wrong data-order seed, same step): only the checksum tells it from the saved one."""
+  meta = run_copy / 'checkpoints' / 'latest' / '4' / 'meta' / 'metadata'
+  text = meta.read_text()
+  assert '"data_seed": 0' in text
+  meta.write_text(text.replace('"data_seed": 0', '"data_seed": 7'))
+  run = trained_run.load(run_copy, which='latest')
+  assert run.step == 2
+  assert 'checksum' in run.damaged[0][1] and str(meta) in run.damaged[0][1]
+
+
 def test_every_step_damaged_is_one_error_listing_them(run_copy):
   for step in ('2', '4'):
     victim = _largest_file(run_copy / 'checkpoints' / 'latest' / step)
