@@ -26,6 +26,12 @@ def _records(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines() if line]
 
 
+def _number(value) -> str:
+  """4 decimals; '-' where a metric is absent or not a number (validation images without masks
+  log 'nan')."""
+  return f'{value:.4f}' if isinstance(value, (int, float)) and value == value else '-'
+
+
 def _mean_of_last(records: list[dict], key: str, count: int = 10) -> float | None:
   values = [r[key] for r in records if key in r][-count:]
   return sum(values) / len(values) if values else None
@@ -63,8 +69,8 @@ def record(workdir: pathlib.Path, name: str, *, command: str, commit: str, wall_
   lines += ['', '## Validation', '', '| step | AJI | DICE | PQ | point F1 |', '|---|---|---|---|---|']
   for r in records:
     if 'val/aji' in r:
-      lines.append(f"| {r['step']} | {r['val/aji']:.4f} | {r['val/dice']:.4f} | {r['val/pq']:.4f} "
-                   f"| {r.get('val/point_f1', float('nan')):.4f} |")
+      lines.append(f"| {r['step']} | " + ' | '.join(
+          _number(r.get(f'val/{key}')) for key in ('aji', 'dice', 'pq', 'point_f1')) + ' |')
   for path in evals:
     result = json.loads(path.read_text())
     mean, aggregate = result['mean'], result['aggregate']
@@ -77,13 +83,17 @@ def record(workdir: pathlib.Path, name: str, *, command: str, commit: str, wall_
                                             ('dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq')) + ' |']
   lines += ['', '## Pseudo-label diagnostics (training crops, mean of the last 10 logged steps)', '',
             '| map | fg fraction | precision | recall | IoU |', '|---|---|---|---|---|']
+  truth = _mean_of_last(records, 'quality/true_fraction')
+  measured = bool(truth)  # no true mask in the training crops (a user's folder): fractions only
   for key in QUALITY:
     values = [_mean_of_last(records, f'quality/{key}_{q}') for q in
               ('fg_fraction', 'precision', 'recall', 'iou')]
     if values[0] is not None:
-      lines.append(f'| {key} | ' + ' | '.join(f'{v:.3f}' for v in values) + ' |')
-  truth = _mean_of_last(records, 'quality/true_fraction')
-  if truth is not None:
+      lines.append(f'| {key} | ' + ' | '.join(
+          f'{v:.3f}' if measured or n == 0 else '-' for n, v in enumerate(values)) + ' |')
+  if truth is not None and not measured:
+    lines.append('| truth | - (the training images have no masks) | | | |')
+  elif truth is not None:
     lines.append(f'| truth | {truth:.3f} | | | |')
   chosen = [_mean_of_last(records, f'dcs/chosen_block{k}') for k in range(1, 5)]
   if chosen[0] is not None:
