@@ -69,6 +69,11 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
               instances=instances, instance_scores=instance_scores)
 
 
+def flip_tta(config: ml_collections.ConfigDict) -> bool:
+  """config.eval.flip_tta; False for runs recorded before the setting existed (their config lacks it)."""
+  return bool(config.eval.get('flip_tta', False))
+
+
 def flip_views(images):
   """(b, h, w, c) -> (4b, h, w, c): the images, then flipped left-right, up-down, and both."""
   import jax.numpy as jnp  # noqa: PLC0415
