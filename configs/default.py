@@ -75,6 +75,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   loss.theta = 0.8  # CAM binarisation threshold (Eq. 3)
   loss.alpha = 'balanced'  # similarity rate (Eq. 4): balanced (mean of fg and bg agreement) | paper
   loss.cam_statistics = 'running'  # CAM pass BatchNorm: running | batch (cancels blocks 1-3; issue 9)
+  loss.pseudo_background = 'cam'  # P = 0 counted in L_dcs / L_ccl: cam (paper: everywhere) | m (only where M = 0)
   loss.tau = 1.0  # contrastive temperature (Eq. 7)
   loss.fixed_cam_block = 0  # 0 = dynamic selection (DCS); 1..4 = always use that block (Table 3)
   loss.cam_warmup_epochs = 0  # epochs before L_dcs / L_ccl switch on ([code] used a warm-up; paper 0)

@@ -190,7 +190,8 @@ def _reference_selection(cams, label, *, theta, alpha_form, fixed_block=0):
   return np.stack(pseudo), np.asarray(alpha_p, np.float32)
 
 
-@pytest.mark.parametrize('overrides', [{}, {'fixed_cam_block': 2}, {'alpha': 'paper'}])
+@pytest.mark.parametrize('overrides', [{}, {'fixed_cam_block': 2}, {'alpha': 'paper'},
+                                       {'pseudo_background': 'm'}])
 def test_eq2_wiring_by_value(inputs, overrides):
   """loss/dcs and loss/ccl equal dcs_loss and contrastive_loss evaluated on the P and alpha_P that
   an independent NumPy selection makes, and the total is Eq. 2's weighted sum."""
@@ -203,6 +204,11 @@ def test_eq2_wiring_by_value(inputs, overrides):
   pseudo, alpha_p = _reference_selection(cams, np.asarray(batch['label_m']), theta=config.loss.theta,
                                          alpha_form=config.loss.alpha,
                                          fixed_block=config.loss.fixed_cam_block)
+  if config.loss.pseudo_background == 'm':  # P's background kept only where M is background too
+    label = np.asarray(batch['label_m'])
+    restricted = np.where((pseudo == 0) & (label != 0), -1, pseudo).astype(np.int8)
+    assert np.sum(restricted != pseudo) > 0  # the case changes P
+    pseudo = restricted
   want_dcs = float(losses.dcs_loss(logits=outputs['segmentation'], pseudo=pseudo, alpha=alpha_p))
   want_ccl = float(losses.contrastive_loss(
       features=outputs['projection'], label=batch['label_m'], pseudo=pseudo, alpha=alpha_p,

@@ -117,11 +117,14 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
                                                      theta=cfg.theta, fixed_block=cfg.fixed_cam_block,
                                                      alpha_form=cfg.alpha)
     alpha_p = jnp.take_along_axis(alpha, index[:, None], axis=1)[:, 0]  # (B,)
+    # Selection and the diagnostics read P as chosen; the losses read it with its background
+    # restricted as configured.
+    target = dcs.restrict_background(pseudo=pseudo, label=label_m, form=cfg.pseudo_background)
     if cfg.use_dcs:
-      aux['loss/dcs'] = dcs.dcs_loss(logits=seg_logits, pseudo=pseudo, alpha=alpha_p)
+      aux['loss/dcs'] = dcs.dcs_loss(logits=seg_logits, pseudo=target, alpha=alpha_p)
     if cfg.use_ccl:
       aux['loss/ccl'] = contrastive.contrastive_loss(
-          features=outputs['projection'], label=label_m, pseudo=pseudo, alpha=alpha_p, tau=cfg.tau,
+          features=outputs['projection'], label=label_m, pseudo=target, alpha=alpha_p, tau=cfg.tau,
           keys=cfg.contrastive_keys)
   elif cfg.use_dcs or cfg.use_ccl:
     raise KeyError("outputs lack 'cams' (forward(..., with_cams=True)) but L_dcs or L_ccl is on")
