@@ -33,6 +33,19 @@ SAFE_CHANGES = (
     'data.data_root', 'data.tfds_dir',
 )
 _ABSENT = '<absent>'
+# Config fields added after runs were already being recorded, each with the value that gives the
+# behaviour of a run whose config.json lacks it (the value the code had before the field existed).
+# `read_config` fills them in, so that the rest of the code reads every field directly and an
+# older run still resumes, evaluates and predicts. A new field goes here with its old behaviour.
+ADDED_FIELDS = {
+    'eval.windows': 'throughput',
+    'eval.max_window': 1024,
+    'eval.margin': 32,
+    'eval.blend': 'ramp',
+    'eval.grow_px': 0.0,
+    'eval.flip_tta': False,
+    'loss.pseudo_background': 'cam',
+}
 
 
 class RunError(cli.CommandError):
@@ -62,9 +75,23 @@ def read_config(workdir) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise RunError(f'{workdir} is not a training work dir: it has no {CONFIG_NAME}')
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    recorded = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise RunError(f'cannot read the recorded config {path}: {error}') from error
+  if not isinstance(recorded, dict):
+    raise RunError(f'cannot read the recorded config {path}: not a JSON object')
+  return ml_collections.ConfigDict(with_added_fields(recorded))
+
+
+def with_added_fields(recorded: dict) -> dict:
+  """`recorded` with every ADDED_FIELDS entry it lacks filled in (a copy; sections it lacks stay
+  absent: such a file is not a run config of ours, and the caller's checks name it)."""
+  recorded = json.loads(json.dumps(recorded))
+  for key, value in ADDED_FIELDS.items():
+    section, field = key.split('.')
+    if isinstance(recorded.get(section), dict):
+      recorded[section].setdefault(field, value)
+  return recorded
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:

@@ -7,6 +7,7 @@ from scipy import ndimage
 from scipy import special
 
 from configs import default
+from donuseg_jax import trained_run
 from donuseg_jax.inference import detections as detections_lib
 from donuseg_jax.inference import predictor
 from donuseg_jax.inference import windows
@@ -318,8 +319,9 @@ def test_window_settings_fit_small_images_and_fill_batches():
   assert windows.window_settings(ev, 100, 300) == windows.WindowSettings(192, 128, 'ramp', 3)  # 1 x 3
   ev.windows = 'fixed'
   assert windows.window_settings(ev, 512, 512) == windows.WindowSettings(256, 128, 'hann', 8)
-  old = ml_collections.ConfigDict({'window': 256, 'stride': 128, 'batch_size': 8})
-  assert windows.window_settings(old, 512, 512).window == 576  # saved runs get the fast windows
+  # A run saved before the window fields existed reads them as trained_run.ADDED_FIELDS says.
+  old = trained_run.with_added_fields({'eval': {'window': 256, 'stride': 128, 'batch_size': 8}})
+  assert windows.window_settings(ml_collections.ConfigDict(old['eval']), 512, 512).window == 576
   ev.windows, ev.max_window = 'throughput', 1000
   with pytest.raises(ValueError, match='multiple of 64'):
     windows.window_settings(ev, 512, 512)

@@ -79,6 +79,31 @@ def test_rerun_with_another_model_stops_listing_differences_and_touches_nothing(
   assert _snapshot(run_copy) == before
 
 
+def test_a_run_recorded_before_newer_fields_still_resumes_and_evaluates(run_copy, tmp_path):
+  """A config.json without the fields added since (trained_run.ADDED_FIELDS) reads them with the
+  behaviour it was trained with, fits today's config, and evaluates through code that reads every
+  field directly."""
+  path = run_copy / 'config.json'
+  recorded = json.loads(path.read_text())
+  for key in trained_run.ADDED_FIELDS:
+    section, field = key.split('.')
+    del recorded[section][field]
+  path.write_text(json.dumps(recorded))
+  config = trained_run.read_config(run_copy)
+  for key, value in trained_run.ADDED_FIELDS.items():
+    section, field = key.split('.')
+    assert config[section][field] == value, key
+  # Today's config with the old behaviour fits (the smoke config's own windows would differ).
+  old_windows = {'eval.' + k: trained_run.ADDED_FIELDS['eval.' + k] for k in ('max_window', 'margin')}
+  assert trained_run.check_compatible(run_copy, _config(**old_windows)) == []
+  result = evaluate.evaluate_workdir(run_copy, split='val', output=tmp_path / 'eval.json')
+  assert result['step'] == 4
+  # A field the run recorded is never replaced.
+  recorded['eval']['flip_tta'] = True
+  path.write_text(json.dumps(recorded))
+  assert trained_run.read_config(run_copy).eval.flip_tta is True
+
+
 def test_checkpoints_without_a_recorded_config_are_not_adopted(run_copy):
   (run_copy / 'config.json').unlink()
   with pytest.raises(trained_run.RunError, match='no config.json'):

@@ -59,7 +59,7 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
   after_nms = time.perf_counter()
   instances, instance_scores = instances_lib.assemble_instances(
       probability, found.boxes, found.scores, method=ev.instance_method,
-      grow=ev.get('grow_px', 0.0))  # runs recorded before the setting existed lack it
+      grow=ev.grow_px)
   if timer is not None:
     network = clock.get('network', 0.0) - network_before
     clock['stitch'] = clock.get('stitch', 0.0) + after_windows - start - network
@@ -70,8 +70,8 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
 
 
 def flip_tta(config: ml_collections.ConfigDict) -> bool:
-  """config.eval.flip_tta; False for runs recorded before the setting existed (their config lacks it)."""
-  return bool(config.eval.get('flip_tta', False))
+  """config.eval.flip_tta (runs recorded before it existed read False: trained_run.ADDED_FIELDS)."""
+  return bool(config.eval.flip_tta)
 
 
 def flip_views(images):

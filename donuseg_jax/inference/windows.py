@@ -116,13 +116,13 @@ def window_settings(ev, height: int, width: int) -> WindowSettings:
   In 'throughput' mode the batch holds as many windows as config.eval.batch_size windows of
   config.eval.window pixels would (at least 1), and never more windows than the image needs.
   """
-  mode = ev.get('windows', 'throughput')
+  mode = ev.windows
   if mode == 'fixed':
     return WindowSettings(int(ev.window), int(ev.stride), 'hann', int(ev.batch_size))
   if mode != 'throughput':
     raise ValueError(f'unknown eval.windows {mode!r}: throughput | fixed')
-  margin = int(ev.get('margin', 32))
-  largest = int(ev.get('max_window', 1024))
+  margin = int(ev.margin)
+  largest = int(ev.max_window)
   if largest % DETECTION_QUANTUM or largest <= 2 * margin or margin < 0:
     raise ValueError(f'eval.max_window {largest} must be a multiple of {DETECTION_QUANTUM} and '
                      f'larger than 2 * eval.margin ({2 * margin})')
@@ -136,7 +136,7 @@ def window_settings(ev, height: int, width: int) -> WindowSettings:
   _, window, stride, count = best
   budget = int(ev.batch_size) * int(ev.window) ** 2  # pixels per device call, as 'fixed' has
   batch = max(1, min(budget // window ** 2, count))
-  return WindowSettings(window, stride, ev.get('blend', 'ramp'), batch)
+  return WindowSettings(window, stride, ev.blend, batch)
 
 
 def pad_image(image: np.ndarray, rows: AxisLayout, cols: AxisLayout) -> np.ndarray:
