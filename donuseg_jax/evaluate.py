@@ -141,7 +141,7 @@ class Validator:
     self.config = config
     self.protocol = protocol
     self.forward_windows = predictor.make_forward_windows(  # compiled at the first call
-        graphdef, flips=predictor.flip_tta(config))
+        graphdef, flips=config.eval.flip_tta)
 
   def __call__(self, params, batch_stats) -> dict:
     params, batch_stats = local_copy(params), local_copy(batch_stats)
@@ -191,7 +191,7 @@ def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which:
                       config.data[key], run_config.data[key])
   examples = folds.load_fold_examples(config)[split]
   predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats,
-                                                   flips=predictor.flip_tta(config))
+                                                   flips=config.eval.flip_tta)
   result = evaluate_examples(examples, predict_windows=predict_windows, config=config,
                              protocol=protocol)
   result.update(split=split, checkpoint=run.which, step=run.step, dataset=config.data.name,

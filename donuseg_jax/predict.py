@@ -357,7 +357,7 @@ def main(argv=None) -> int:
   summary = predict_paths(
       args.input, output,
       predict_windows=predictor.make_predict_windows(graphdef, params, batch_stats,
-                                                     flips=predictor.flip_tta(config)),
+                                                     flips=config.eval.flip_tta),
       config=config, overwrite=args.overwrite, run=f'{pathlib.Path(args.workdir).resolve()}:{args.which}',
       level=args.level, mpp=args.mpp,
       region=args.region, tile=args.tile, halo=args.halo, label_map=args.label_map,

@@ -25,7 +25,7 @@ def write_final_report(workdir: str | pathlib.Path) -> dict:
           'images here (MoNuSeg: put MoNuSegTestData/ under the data root)', flush=True)
     return {}
   predict_windows = predictor.make_predict_windows(graphdef, params, batch_stats,
-                                                   flips=predictor.flip_tta(config))
+                                                   flips=config.eval.flip_tta)
   if config.eval.max_images:
     examples = examples[:config.eval.max_images]
   result = evaluate.evaluate_examples(examples, predict_windows=predict_windows, config=config,

@@ -33,10 +33,12 @@ SAFE_CHANGES = (
     'data.data_root', 'data.tfds_dir',
 )
 _ABSENT = '<absent>'
-# Config fields added after runs were already being recorded, each with the value that gives the
-# behaviour of a run whose config.json lacks it (the value the code had before the field existed).
-# `read_config` fills them in, so that the rest of the code reads every field directly and an
-# older run still resumes, evaluates and predicts. A new field goes here with its old behaviour.
+# Config fields added after runs were already being recorded, each with the value a run whose
+# config.json lacks it gets: for what shapes training, the behaviour the code had before the field
+# existed; for the evaluation windows, the faster layout (a deliberate choice: old runs evaluate
+# with it; --config.eval.windows=fixed restores the old one). `read_config` fills them in, so the
+# rest of the code reads every field directly and an older run still resumes, evaluates and
+# predicts. A new field goes here too.
 ADDED_FIELDS = {
     'eval.windows': 'throughput',
     'eval.max_window': 1024,

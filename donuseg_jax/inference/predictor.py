@@ -69,11 +69,6 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
               instances=instances, instance_scores=instance_scores)
 
 
-def flip_tta(config: ml_collections.ConfigDict) -> bool:
-  """config.eval.flip_tta (runs recorded before it existed read False: trained_run.ADDED_FIELDS)."""
-  return bool(config.eval.flip_tta)
-
-
 def flip_views(images):
   """(b, h, w, c) -> (4b, h, w, c): the images, then flipped left-right, up-down, and both."""
   import jax.numpy as jnp  # noqa: PLC0415
