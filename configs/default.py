@@ -97,6 +97,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   train.eval_every_epochs = 5  # validation AJI every this many epochs (and at the end)
   train.checkpoint_every_steps = 200  # steps between checkpoints (also at each evaluation)
   train.keep_checkpoints = 3  # latest checkpoints kept (the best by validation AJI is kept too)
+  train.ema_decay = 0.0  # moving average of the weights: validated, selected, used (0 = off, paper)
   train.select_metric = 'point_f1'  # best checkpoint by this val metric: point_f1 (points only) | aji | ...
   train.max_steps = 0  # stop after this many steps (0 = epochs decide); for tests and benchmarks
 

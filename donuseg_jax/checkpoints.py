@@ -7,10 +7,11 @@ Layout under `DIR/checkpoints`:
                    the test fold)
   damaged/         steps found damaged by a resumed training, moved aside (never deleted)
 
-Each checkpoint holds the train state (`state`: step, params, batch_stats, opt_state) and a small
-JSON (`meta`): the step, the data position and the validation metrics. The data pipeline is a pure
-function of (data seed, step) and training randomness is `fold_in(key, step)`, so the step is the
-whole position: a resumed run sees exactly the batches an uninterrupted run would have.
+Each checkpoint holds the train state (`state`: step, params, batch_stats, opt_state, and `ema`,
+the weight average, when the run keeps one) and a small JSON (`meta`): the step, the data position
+and the validation metrics. The data pipeline is a pure function of (data seed, step) and training
+randomness is `fold_in(key, step)`, so the step is the whole position: a resumed run sees exactly
+the batches an uninterrupted run would have.
 
 Integrity. Once a save has finished, a manifest (`<step>/donuseg_manifest.json`: size and SHA-256
 of every file) is written beside it. A restore checks the manifest, restores, and checks that the

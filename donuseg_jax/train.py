@@ -44,6 +44,44 @@ class TrainState:
   params: Any  # nnx.State of nnx.Param
   batch_stats: Any  # nnx.State of nnx.BatchStat (running BatchNorm statistics)
   opt_state: Any
+  # Exponential moving average of the weights, {'params', 'batch_stats'}, or None when
+  # config.train.ema_decay is 0. Validation, the best checkpoint and every trained-run reader use
+  # it when present: at CPU scale the raw weights swing by up to 0.25 AJI between evaluations.
+  ema: Any = None
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+  """The state as Orbax stores it: a dict by field name, without `ema` when there is none (so a
+  run without EMA keeps the layout of runs recorded before the field existed)."""
+  tree = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state}
+  if state.ema is not None:
+    tree['ema'] = state.ema
+  return tree
+
+
+def from_checkpoint_tree(tree: dict) -> TrainState:
+  return TrainState(step=tree['step'], params=tree['params'], batch_stats=tree['batch_stats'],
+                    opt_state=tree['opt_state'], ema=tree.get('ema'))
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The EMA's decay at optimiser step `step` (0-based): min(decay, (1 + t) / (10 + t)), so the
+  first steps' weights, far from the later ones, leave the average quickly."""
+  t = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema, new, decay: jax.Array):
+  """decay * ema + (1 - decay) * new, leaf by leaf (params and BatchNorm statistics alike)."""
+  return jax.tree.map(lambda old, value: decay * old + (1.0 - decay) * value, ema, new)
+
+
+def evaluation_weights(state: TrainState):
+  """(params, batch_stats) that validation scores and the best checkpoint stands for."""
+  if state.ema is not None:
+    return state.ema['params'], state.ema['batch_stats']
+  return state.params, state.batch_stats
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,8 +125,11 @@ def create_train_state(config: ml_collections.ConfigDict, *, total_steps: int):
   model = models.create_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx, schedule = create_optimizer(config, total_steps)
+  ema = None
+  if config.train.ema_decay > 0:
+    ema = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=tx.init(params))
+                     opt_state=tx.init(params), ema=ema)
   return graphdef, state, tx, schedule
 
 
@@ -109,8 +150,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config
   params = optax.apply_updates(state.params, updates)
   metrics = dict(aux)
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+  ema = state.ema
+  if ema is not None:
+    ema = update_ema(ema, {'params': params, 'batch_stats': batch_stats},
+                     ema_decay_at(state.step, config.train.ema_decay))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema=ema)
   return new_state, metrics
 
 
@@ -153,12 +198,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         config.model.init_from, params=state.params, batch_stats=state.batch_stats,
         encoder_only=config.model.get('init_encoder_only', False))
     state = state.replace(params=params, batch_stats=batch_stats)
+    if state.ema is not None:  # the average starts from the fine-tuning start
+      state = state.replace(ema=jax.tree.map(jnp.copy, {'params': params,
+                                                        'batch_stats': batch_stats}))
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    restored = ckpts.restore_intact(_abstract(state), which='latest')
+    restored = ckpts.restore_intact(_abstract(checkpoint_tree(state)), which='latest')
     ckpts.set_aside(restored.damaged)  # so that those steps can be saved again
-    state = restored.state
+    state = from_checkpoint_tree(restored.state)
     logging.info('resumed from step %d in %s', int(state.step), workdir)
   start = int(state.step)
   if is_main:  # the run is known to fit: record its config; forget what came after the restore
@@ -198,19 +246,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       meta = {'step': done, 'data_seed': config.data.seed, 'steps_per_epoch': steps_per_epoch}
       if evaluate_now:
         _check_finite(*pending)
-        val = validator(state.params, state.batch_stats)
+        val = validator(*evaluation_weights(state))
         writer.write(done, {f'val/{k}': v for k, v in val['mean'].items()})
         if is_main:
           params, batch_stats = evaluate.local_copy((state.params, state.batch_stats))
           diagnostics.write_pseudo_label_figure(
               workdir / 'figures' / f'step_{done:06d}.png',
               figure_panels(params, batch_stats, fold['val'][0]))
-        ckpts.save_latest(done, state, dict(meta, val=val['mean']))
-        ckpts.save_best(done, state, dict(meta, val=val['mean']),
+        ckpts.save_latest(done, checkpoint_tree(state), dict(meta, val=val['mean']))
+        ckpts.save_best(done, checkpoint_tree(state), dict(meta, val=val['mean']),
                         score=val['mean'][config.train.select_metric])
       elif done % config.train.checkpoint_every_steps == 0 or stop.requested:
         _check_finite(*pending)
-        ckpts.save_latest(done, state, meta)
+        ckpts.save_latest(done, checkpoint_tree(state), meta)
       if stop.requested:
         logging.warning('stopping at step %d on %s; rerun to resume', done, stop.requested)
         break
@@ -226,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def _abstract(state: TrainState):
+def _abstract(state):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), state)
 

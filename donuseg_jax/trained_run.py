@@ -47,6 +47,7 @@ ADDED_FIELDS = {
     'eval.grow_px': 0.0,
     'eval.flip_tta': False,
     'loss.pseudo_background': 'cam',
+    'train.ema_decay': 0.0,
 }
 
 
@@ -147,7 +148,8 @@ def check_compatible(workdir, config: ml_collections.ConfigDict, *,
 
 
 def load(workdir, *, which: str = 'best') -> TrainedRun:
-  """The run's recorded config and the weights of its best (or latest) intact checkpoint.
+  """The run's recorded config and the weights of its best (or latest) intact checkpoint: the
+  moving average of the weights where the run kept one (`train.ema_decay`), else the weights.
 
   'best' falls back to the latest steps when the run has no (intact) best checkpoint yet. Damaged
   steps are skipped with a warning naming their folder. Writes nothing in `workdir`.
@@ -157,8 +159,11 @@ def load(workdir, *, which: str = 'best') -> TrainedRun:
   model = models.create_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  weights = {'params': params, 'batch_stats': batch_stats}
+  # A run trained with weight averaging is evaluated, and was selected, by its average (train.py).
+  with_ema = config.train.ema_decay > 0
   target = {'step': jax.ShapeDtypeStruct((), np.int32, sharding=device),
-            'params': params, 'batch_stats': batch_stats}
+            **({'ema': weights} if with_ema else weights)}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
   ckpts = checkpoints.RunCheckpoints(workdir, read_only=True)
   try:
@@ -173,9 +178,9 @@ def load(workdir, *, which: str = 'best') -> TrainedRun:
     log = logging.warning if restored.damaged else logging.info
     log('%s has no %sbest checkpoint: using latest step %d', workdir,
         'intact ' if restored.damaged else '', restored.step)
-  state = restored.state
-  return TrainedRun(config=config, graphdef=graphdef, params=state['params'],
-                    batch_stats=state['batch_stats'], which=restored.which, step=restored.step,
+  weights = restored.state['ema'] if with_ema else restored.state
+  return TrainedRun(config=config, graphdef=graphdef, params=weights['params'],
+                    batch_stats=weights['batch_stats'], which=restored.which, step=restored.step,
                     damaged=restored.damaged)
 
 

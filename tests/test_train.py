@@ -184,3 +184,70 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tm
   assert latest == [2]
   _, _, params, _ = trained_run.load_trained_model(workdir, which='latest')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def _leaves(tree):
+  return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
+
+
+def test_weight_average_follows_its_recursion(smoke_batch):
+  """train.ema_decay keeps e <- d_t e + (1 - d_t) w_t over params and BatchNorm statistics, with
+  d_t = min(decay, (1 + t) / (10 + t)), written out here step by step."""
+  config, batch = smoke_batch
+  config = _smoke_config(ema_decay=0.5)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  graphdef, state, tx, schedule = train.create_train_state(config, total_steps=10)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step_fn = train.compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule,
+                                     config=config, steps_per_epoch=5)
+  expected = _leaves((state.params, state.batch_stats))
+  for t, decay in enumerate([1 / 10, 2 / 11, 3 / 12]):  # all below 0.5: the warm-up decides
+    state, _ = step_fn(state, parallel.shard_batch(batch, mesh))
+    weights = _leaves((state.params, state.batch_stats))
+    expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+    averaged = _leaves((state.ema['params'], state.ema['batch_stats']))
+    for got, want in zip(averaged, expected, strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=f'step {t}')
+  # The average is not the weights themselves (a copy would pass the recursion at decay 0).
+  assert max(np.abs(a - w).max() for a, w in zip(averaged, weights, strict=True)) > 1e-6
+  assert train.ema_decay_at(jax.numpy.asarray(1000), 0.99) == pytest.approx(0.99)
+
+
+def test_weight_averaged_run_validates_resumes_and_loads_its_average(tmp_path, monkeypatch):
+  """With train.ema_decay, validation scores the average, the checkpoint keeps it beside the
+  weights (a resumed run continues it), and trained_run.load (evaluate, predict) returns it."""
+  from donuseg_jax import checkpoints  # noqa: PLC0415
+  from donuseg_jax import evaluate  # noqa: PLC0415
+
+  validated = []
+  original = evaluate.Validator.__call__
+
+  def recording(self, params, batch_stats):
+    validated.append(_leaves((params, batch_stats)))
+    return original(self, params, batch_stats)
+
+  monkeypatch.setattr(evaluate.Validator, '__call__', recording)
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(_smoke_config(max_steps=2, ema_decay=0.9), workdir)
+  train.train_and_evaluate(_smoke_config(max_steps=4, ema_decay=0.9), workdir,
+                           allow_config_change=True)
+  run = trained_run.load(workdir, which='latest')
+  assert run.step == 4
+  weights = {'params': run.params, 'batch_stats': run.batch_stats}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          dict(weights, ema=weights))
+  ckpts = checkpoints.RunCheckpoints(workdir, read_only=True)
+  try:
+    stored = ckpts.restore_intact(abstract, which='latest', partial=True).state
+  finally:
+    ckpts.close()
+  loaded = _leaves((run.params, run.batch_stats))
+  average = _leaves((stored['ema']['params'], stored['ema']['batch_stats']))
+  raw = _leaves((stored['params'], stored['batch_stats']))
+  for a, b in zip(loaded, average, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert max(np.abs(a - w).max() for a, w in zip(average, raw, strict=True)) > 1e-6
+  assert len(validated) == 2  # at step 2 and at step 4, each on the average of that step
+  for a, b in zip(validated[-1], average, strict=True):
+    np.testing.assert_array_equal(a, b)
