@@ -58,7 +58,8 @@ def record(workdir: pathlib.Path, name: str, *, command: str, commit: str, wall_
   lines = [f'# {name}', '', f'- command: `{command}`', f'- commit: `{commit}`',
            f'- machine: {jax.device_count()} x {jax.devices()[0].platform} device(s), '
            f'{platform.machine()}, JAX {jax.__version__}; wall time {wall_seconds / 60:.1f} min '
-           '(training, validations, test fold and overlays)',
+           + ('(training, validations, test fold and overlays)' if evals
+              else '(training and validations; the run evaluated no test fold)'),
            f"- config: `config.json` (dataset {config['data']['name']} fold {config['data']['fold']}, "
            f"{config['model']['encoder']}, initial label {config['labels']['initial']}, alpha "
            f"{config['loss']['alpha']}, use_dcs {config['loss']['use_dcs']}, use_ccl "
