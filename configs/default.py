@@ -111,6 +111,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   ev.batch_size = 8  # fixed: windows per device call (throughput: the same pixels per call)
   ev.instance_method = 'boxes'  # boxes ([code] assembly) | watershed
   ev.grow_px = 0.0  # boxes: flood unclaimed foreground up to this far from the instances (0 = [code])
+  ev.unclaimed_min_px = 0  # boxes: unclaimed foreground blobs of >= this many pixels kept (0 = [code]: dropped)
   ev.flip_tta = False  # segmentation logits averaged over the 4 flips of each window (4x network)
   ev.score_threshold = 0.5  # keep detections with class probability above this
   ev.nms_iou = 0.44  # global NMS IoU threshold

@@ -46,6 +46,7 @@ ADDED_FIELDS = {
     'eval.blend': 'ramp',
     'eval.grow_px': 0.0,
     'eval.flip_tta': False,
+    'eval.unclaimed_min_px': 0,
     'loss.pseudo_background': 'cam',
     'train.ema_decay': 0.0,
 }

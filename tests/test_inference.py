@@ -389,3 +389,25 @@ def test_flip_tta_averages_the_real_network_over_flipped_windows():
   for got, level in zip(tta['detection'], detection):  # detection: the windows as they are
     for key in level:
       np.testing.assert_allclose(np.asarray(got[key]), np.asarray(level[key]), rtol=1e-4, atol=1e-5)
+
+
+def test_unclaimed_foreground_setting_reaches_the_assembly():
+  # A blob the segmentation finds and no detection covers: dropped as [code], kept when asked.
+  image = random_image(120, 160, seed=3)
+  rows, cols = np.mgrid[:120, :160]
+  blob = (rows - 60) ** 2 + (cols - 80) ** 2 <= 8 ** 2
+
+  def blob_logit(images):
+    b, h, w = images.shape[:3]
+    logit = np.full((b, h, w), -5.0, np.float32)
+    for k in range(b):  # the blob wherever this window shows its dark marker colour
+      logit[k][(images[k] == np.array([0, 0, 1], np.uint8)).all(-1)] = 5.0
+    return logit
+
+  image[blob] = (0, 0, 1)
+  plain = predictor.predict_image(image, predict_windows=StandIn(blob_logit), config=config())
+  assert plain['instances'].max() == 0
+  kept = predictor.predict_image(image, predict_windows=StandIn(blob_logit),
+                                 config=config(unclaimed_min_px=20))
+  assert kept['instances'].max() == 1 and (kept['instances'][blob] == 1).all()
+  np.testing.assert_array_equal(kept['instance_scores'], np.float32([0.0]))

@@ -178,3 +178,33 @@ def test_growth_splits_unclaimed_foreground_between_neighbours_by_distance():
   np.testing.assert_array_equal(grown[mask & (cols > 27)], 2)
   plain, _ = instances_lib.instances_from_boxes(mask, boxes, np.array([0.9, 0.8]), closing=False)
   assert ((plain > 0) & (plain != grown)).sum() == 0  # growth only adds pixels
+
+
+def test_unclaimed_blobs_become_instances_above_the_size_only():
+  nucleus = disk(SHAPE, (20, 20), 8)
+  missed = disk(SHAPE, (50, 20), 4)  # a nucleus no box covers: 49 pixels
+  speck = disk(SHAPE, (58, 42), 1)  # 5 pixels of noise
+  mask = nucleus | missed | speck
+  box = np.array([[12, 12, 28, 28]], np.float32)
+  dropped, kept = instances_lib.instances_from_boxes(mask, box, np.array([0.9]), closing=False)
+  assert dropped.max() == 1 and len(kept) == 1  # the [code] assembly drops both blobs
+  found, kept = instances_lib.instances_from_boxes(mask, box, np.array([0.9]), closing=False,
+                                                   unclaimed=10)
+  np.testing.assert_array_equal(found == 1, nucleus)
+  np.testing.assert_array_equal(found == 2, missed)  # the next id, after the detected ones
+  assert (found[speck] == 0).all()  # below the size: still dropped
+  np.testing.assert_array_equal(kept, np.float32([0.9, 0.0]))  # no detection scored it
+  every, kept = instances_lib.assemble_instances(mask.astype(np.float32), box, np.array([0.9]),
+                                                 method='boxes', unclaimed=5)
+  assert every.max() == 3 and len(kept) == 3 and (every[speck] == 3).all()
+
+
+def test_unclaimed_blobs_are_what_growth_leaves():
+  nucleus = disk(SHAPE, (20, 20), 8)
+  missed = disk(SHAPE, (50, 20), 4)
+  small_box = np.array([[16, 16, 24, 24]], np.float32)
+  found, kept = instances_lib.instances_from_boxes(nucleus | missed, small_box, np.array([0.9]),
+                                                   closing=False, grow=20.0, unclaimed=10)
+  np.testing.assert_array_equal(found == 1, nucleus)  # the clipped rim went to its box's instance
+  np.testing.assert_array_equal(found == 2, missed)
+  assert len(kept) == 2

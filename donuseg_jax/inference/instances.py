@@ -10,6 +10,10 @@ Two methods (config.eval.instance_method):
   that no box claimed is flooded from the claimed instances, through the foreground only and at
   most `grow` pixels (Euclidean) from them: a box smaller than its nucleus no longer clips the
   nucleus's mask, while a foreground blob that touches no instance stays dropped.
+  With `unclaimed` > 0 (config.eval.unclaimed_min_px, beyond the authors' code), after the growth,
+  each 4-connected component of foreground still unclaimed and of at least `unclaimed` pixels
+  becomes an instance of its own, with score 0 (no detection): a nucleus the segmentation head
+  finds but no box above the score threshold covers is kept instead of dropped.
 - `watershed`: one marker per box centre that lies on the (hole-filled) foreground, the best-scored
   box winning a shared pixel; the foreground is flooded from the markers over minus the distance
   transform (or minus the probability). Foreground components with no marker are dropped.
@@ -62,7 +66,7 @@ def box_pixel_slices(box: np.ndarray, shape: tuple) -> tuple[slice, slice] | Non
 
 def instances_from_boxes(prob_or_mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *,
                          threshold: float = FOREGROUND_THRESHOLD, closing: bool = True,
-                         grow: float = 0.0):
+                         grow: float = 0.0, unclaimed: int = 0):
   """The `boxes` assembly (module docstring). boxes (K, 4) x0, y0, x1, y1; scores (K,)."""
   remaining = foreground_mask(prob_or_mask, threshold=threshold)  # (H, W) bool, not yet claimed
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -84,6 +88,8 @@ def instances_from_boxes(prob_or_mask: np.ndarray, boxes: np.ndarray, scores: np
     crop[part] = False  # a view: removes the claimed pixels from `remaining`
   if grow > 0:
     grow_into(instances, remaining, distance=grow)
+  if unclaimed > 0:
+    kept_scores.extend(claim_leftovers(instances, remaining & (instances == 0), min_size=unclaimed))
   if closing:
     close_instances(instances)
   return instances, np.asarray(kept_scores, np.float32)
@@ -99,6 +105,23 @@ def grow_into(instances: np.ndarray, free: np.ndarray, *, distance: float) -> No
   reach = (free & (away <= distance)) | (instances > 0)
   grown = segmentation.watershed(away, instances, mask=reach)
   instances[free & reach] = grown[free & reach]
+
+
+def claim_leftovers(instances: np.ndarray, free: np.ndarray, *, min_size: int) -> list[float]:
+  """In place: each 4-connected component of `free` with at least `min_size` pixels becomes a new
+  instance (ids after the existing ones, in raster order of the components). Returns their
+  scores: 0.0 each, for no detection scored them."""
+  components, count = ndimage.label(free, structure=_CROSS)
+  if count == 0:
+    return []
+  sizes = np.bincount(components.ravel(), minlength=count + 1)
+  sizes[0] = 0
+  big = np.flatnonzero(sizes >= min_size)
+  new_ids = np.zeros(count + 1, np.int32)
+  new_ids[big] = instances.max() + 1 + np.arange(big.size, dtype=np.int32)
+  taken = new_ids[components] > 0
+  instances[taken] = new_ids[components][taken]
+  return [0.0] * big.size
 
 
 def close_instances(instances: np.ndarray) -> None:
@@ -193,10 +216,11 @@ def instances_from_watershed(prob_or_mask: np.ndarray, boxes: np.ndarray, scores
 
 
 def assemble_instances(probability: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *,
-                       method: str, grow: float = 0.0):
-  """Dispatches on config.eval.instance_method: 'boxes' (with config.eval.grow_px) | 'watershed'."""
+                       method: str, grow: float = 0.0, unclaimed: int = 0):
+  """Dispatches on config.eval.instance_method: 'boxes' (with config.eval.grow_px and
+  config.eval.unclaimed_min_px) | 'watershed'."""
   if method == 'boxes':
-    return instances_from_boxes(probability, boxes, scores, grow=grow)
+    return instances_from_boxes(probability, boxes, scores, grow=grow, unclaimed=unclaimed)
   if method == 'watershed':
     return instances_from_watershed(probability, boxes, scores)
   raise ValueError(f'unknown eval.instance_method {method!r}: boxes | watershed')

@@ -59,7 +59,7 @@ def predict_image(image: np.ndarray, *, predict_windows, config: ml_collections.
   after_nms = time.perf_counter()
   instances, instance_scores = instances_lib.assemble_instances(
       probability, found.boxes, found.scores, method=ev.instance_method,
-      grow=ev.grow_px)
+      grow=ev.grow_px, unclaimed=ev.unclaimed_min_px)
   if timer is not None:
     network = clock.get('network', 0.0) - network_before
     clock['stitch'] = clock.get('stitch', 0.0) + after_windows - start - network
