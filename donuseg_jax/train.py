@@ -133,6 +133,21 @@ def create_train_state(config: ml_collections.ConfigDict, *, total_steps: int):
   return graphdef, state, tx, schedule
 
 
+def without_cam_losses(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with L_dcs and L_ccl off: the step used during `loss.cam_warmup_epochs`."""
+  warm = config.copy_and_resolve_references()
+  warm.loss.use_dcs = warm.loss.use_ccl = False
+  return warm
+
+
+def in_cam_warmup(step: int, *, steps_per_epoch: int, config: ml_collections.ConfigDict) -> bool:
+  """Whether L_dcs and L_ccl still have weight 0 at `step`: total_loss's gate, in its float32."""
+  if not (config.loss.use_dcs or config.loss.use_ccl):
+    return False
+  epoch = np.float32(step) / np.float32(steps_per_epoch)
+  return bool(epoch < np.float32(config.loss.cam_warmup_epochs))
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch):
   """One SGD step on a (sharded) batch. Pure: returns the new state and a flat dict of scalars."""
   epoch = state.step.astype(jnp.float32) / steps_per_epoch
@@ -214,6 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     run_log.truncate_after(workdir, start)
   step_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
                                steps_per_epoch=steps_per_epoch)
+  # While L_dcs and L_ccl have weight 0 their CAM pass changes no gradient: a second program
+  # without it makes those steps as cheap as the base's (the same update; no dcs/ metrics).
+  warm_fn = None
+  if in_cam_warmup(start, steps_per_epoch=steps_per_epoch, config=config):
+    warm_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule,
+                                 config=without_cam_losses(config), steps_per_epoch=steps_per_epoch)
   writer = run_log.MetricsWriter(workdir, enabled=is_main)
   validator = evaluate.Validator(fold['val'], graphdef=graphdef, config=config)
   figure_panels = diagnostics.PseudoLabelPanels(graphdef, config=config)
@@ -227,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     for step in range(start, total_steps):
       batch = parallel.shard_batch(next(host_batches), mesh)
-      state, metrics = step_fn(state, batch)
+      warm = warm_fn is not None and in_cam_warmup(step, steps_per_epoch=steps_per_epoch,
+                                                   config=config)
+      state, metrics = (warm_fn if warm else step_fn)(state, batch)
       if pending is not None:
         _check_finite(*pending)
       pending = (step + 1, metrics)

@@ -251,3 +251,50 @@ def test_weight_averaged_run_validates_resumes_and_loads_its_average(tmp_path, m
   assert len(validated) == 2  # at step 2 and at step 4, each on the average of that step
   for a, b in zip(validated[-1], average, strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def _smoke_loss_config(**loss_overrides):
+  config = demo.get_config('smoke')
+  config.unlock()
+  for key, value in loss_overrides.items():
+    setattr(config.loss, key, value)
+  config.lock()
+  return config
+
+
+def test_cam_warmup_step_skips_the_cam_pass_and_makes_the_same_update(smoke_batch):
+  _, batch = smoke_batch
+  config = _smoke_loss_config(cam_warmup_epochs=1)
+  assert train.in_cam_warmup(4, steps_per_epoch=5, config=config)
+  assert not train.in_cam_warmup(5, steps_per_epoch=5, config=config)
+  assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config())
+  assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config(
+      cam_warmup_epochs=1, use_dcs=False, use_ccl=False))
+  full_state, full_metrics = _one_step(config, batch, jax.devices()[:1])
+  warm_state, warm_metrics = _one_step(train.without_cam_losses(config), batch,
+                                       jax.devices()[:1])
+  assert config.loss.use_dcs and config.loss.use_ccl  # the copy leaves the run's config alone
+  assert 'dcs/alpha_p' in full_metrics and 'dcs/alpha_p' not in warm_metrics  # no CAM pass
+  assert full_metrics['loss/dcs'] > 0 and full_metrics['loss/ccl'] > 0  # computed, weight 0
+  np.testing.assert_allclose(warm_metrics['loss'], full_metrics['loss'], rtol=1e-5)
+  for a, b in zip(_leaves(full_state), _leaves(warm_state), strict=True):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6)
+  # After the warm-up the CAM losses change the update: the comparison above can fail.
+  late_state, _ = _one_step(_smoke_loss_config(), batch, jax.devices()[:1])
+  assert max(np.abs(a - b).max() for a, b in zip(_leaves(full_state.params),
+                                                 _leaves(late_state.params), strict=True)) > 1e-6
+
+
+def test_training_with_a_cam_warmup_logs_cam_metrics_only_after_it(tmp_path):
+  config = _smoke_loss_config(cam_warmup_epochs=1)
+  config.unlock()
+  config.train.max_steps = 0
+  config.train.epochs = 2
+  config.lock()
+  train.train_and_evaluate(config, tmp_path)
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  steps = [line for line in lines if 'loss/seg' in line]
+  spe = max(line['step'] for line in steps) // 2
+  assert spe >= 1
+  for line in steps:  # the line of step s holds the metrics of step s - 1
+    assert ('dcs/alpha_p' in line) == (line['step'] - 1 >= spe), line['step']
