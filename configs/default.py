@@ -109,7 +109,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   ev.window = 256  # fixed: sliding-window side
   ev.stride = 128  # fixed: sliding-window stride
   ev.batch_size = 8  # fixed: windows per device call (throughput: the same pixels per call)
-  ev.instance_method = 'boxes'  # boxes ([code] assembly) | watershed
+  ev.instance_method = 'boxes'  # boxes ([code] assembly) | cells (boxes bounded by watershed cells) | watershed
   ev.grow_px = 0.0  # boxes: flood unclaimed foreground up to this far from the instances (0 = [code])
   ev.unclaimed_min_px = 0  # boxes: unclaimed foreground blobs of >= this many pixels kept (0 = [code]: dropped)
   ev.flip_tta = False  # segmentation logits averaged over the 4 flips of each window (4x network)

@@ -271,7 +271,7 @@ def parse_args(argv):
   parser.add_argument('--input', required=True, nargs='+', help='image files and/or folders')
   parser.add_argument('--output', required=True, help='output folder (created if needed)')
   parser.add_argument('--which', default='best', choices=['best', 'latest'], help='checkpoint')
-  parser.add_argument('--instance_method', choices=['boxes', 'watershed'], default=None,
+  parser.add_argument('--instance_method', choices=['boxes', 'cells', 'watershed'], default=None,
                       help="instance assembly (default: the run's config.eval.instance_method)")
   parser.add_argument('--batch_size', type=positive_int, default=None,
                       help='windows per device call')

@@ -69,7 +69,7 @@ def main() -> None:
                                                               flips=flips))
     for threshold in sorted({float(t) for t in args.thresholds.split(',')}, reverse=True):
       for method in args.methods.split(','):
-        boxes = method == 'boxes'
+        boxes = method in ('boxes', 'cells')
         for grow in ([float(g) for g in args.grow_px.split(',')] if boxes else [0.0]):
           for unclaimed in ([int(u) for u in args.unclaimed_min_px.split(',')] if boxes else [0]):
             config.eval.update(score_threshold=threshold, instance_method=method, grow_px=grow,

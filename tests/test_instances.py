@@ -208,3 +208,25 @@ def test_unclaimed_blobs_are_what_growth_leaves():
   np.testing.assert_array_equal(found == 1, nucleus)  # the clipped rim went to its box's instance
   np.testing.assert_array_equal(found == 2, missed)
   assert len(kept) == 2
+
+
+def test_cells_keep_a_large_box_out_of_its_touching_neighbour():
+  mask = LEFT | RIGHT  # two radius-8 disks at x = 20 and x = 34, one component
+  boxes = np.array([[8, 8, 40, 32],  # the better box is too wide: it spans most of RIGHT
+                    [26, 12, 42, 28]], np.float32)
+  scores = np.array([0.9, 0.8])
+  plain, _ = instances_lib.instances_from_boxes(mask, boxes, scores, closing=False)
+  assert (plain[RIGHT & ~LEFT] == 1).mean() > 0.5  # [code]: box 1 takes the neighbour
+  split, kept = instances_lib.assemble_instances(mask.astype(np.float32), boxes, scores,
+                                                 method='cells')
+  cols = np.arange(SHAPE[1])[None, :]
+  # The distance-transform watershed splits the pair at its neck, x = 27.
+  np.testing.assert_array_equal(split[mask & (cols < 27)], 1)
+  np.testing.assert_array_equal(split[mask & (cols > 27)], 2)
+  assert len(kept) == 2
+  # A box whose centre is off the foreground has no cell and claims as in `boxes`.
+  off = np.array([[44, 0, 63, 30]], np.float32)  # centre (53, 15): background; box covers x >= 44
+  blob = disk(SHAPE, (56, 24), 5)
+  alone, _ = instances_lib.instances_from_boxes(blob, off, np.array([0.9]), closing=False,
+                                                cells=True)
+  np.testing.assert_array_equal(alone == 1, blob & (np.arange(SHAPE[0])[:, None] <= 30))

@@ -18,7 +18,15 @@ Two methods (config.eval.instance_method):
   box winning a shared pixel; the foreground is flooded from the markers over minus the distance
   transform (or minus the probability). Foreground components with no marker are dropped.
 
-Both return (instances (H, W) int32 with ids 1..K in descending score order, scores (K,) float32).
+- `cells` (beyond the authors' code): the `watershed` partition of the foreground bounds the
+  `boxes` assembly. Each box whose centre lies on the foreground owns the watershed cell of its
+  centre; visiting boxes by descending score, an instance is the largest 4-connected component of
+  the unclaimed foreground inside both its box and its cell, so a well-scored box can no longer
+  take the part of a touching neighbour that its rectangle overlaps. A box with no cell (centre
+  off the foreground, or a shared pixel lost to a better box) claims as in `boxes`. Then the same
+  growth, leftover blobs and closing as `boxes`.
+
+All return (instances (H, W) int32 with ids 1..K in descending score order, scores (K,) float32).
 Box pixels: pixel (i, j) (centre x=j, y=i) lies in box (x0, y0, x1, y1) if x0 <= j <= x1, y0 <= i <= y1.
 """
 
@@ -66,19 +74,24 @@ def box_pixel_slices(box: np.ndarray, shape: tuple) -> tuple[slice, slice] | Non
 
 def instances_from_boxes(prob_or_mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *,
                          threshold: float = FOREGROUND_THRESHOLD, closing: bool = True,
-                         grow: float = 0.0, unclaimed: int = 0):
-  """The `boxes` assembly (module docstring). boxes (K, 4) x0, y0, x1, y1; scores (K,)."""
+                         grow: float = 0.0, unclaimed: int = 0, cells: bool = False):
+  """The `boxes` assembly (module docstring), or with `cells` the `cells` one.
+  boxes (K, 4) x0, y0, x1, y1; scores (K,)."""
   remaining = foreground_mask(prob_or_mask, threshold=threshold)  # (H, W) bool, not yet claimed
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   scores = np.asarray(scores, np.float32).reshape(-1)
   instances = np.zeros(remaining.shape, np.int32)
+  cell_of_box = np.zeros(len(scores), np.int32)  # 0: no cell
+  if cells:
+    partition, cell_of_box = watershed_cells(remaining, boxes, scores)
   kept_scores = []
   for k in np.argsort(-scores, kind='stable'):
     slices = box_pixel_slices(boxes[k], remaining.shape)
     if slices is None:
       continue
     crop = remaining[slices]
-    components, count = ndimage.label(crop, structure=_CROSS)
+    allowed = crop if cell_of_box[k] == 0 else crop & (partition[slices] == cell_of_box[k])
+    components, count = ndimage.label(allowed, structure=_CROSS)
     if count == 0:
       continue
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
@@ -93,6 +106,29 @@ def instances_from_boxes(prob_or_mask: np.ndarray, boxes: np.ndarray, scores: np
   if closing:
     close_instances(instances)
   return instances, np.asarray(kept_scores, np.float32)
+
+
+def watershed_cells(mask: np.ndarray, boxes: np.ndarray, scores: np.ndarray):
+  """The `watershed` partition of `mask` from the box centres: ((H, W) int32 cell ids, 0 off the
+  mask; (K,) int32 the cell of each box, 0 where its centre is off the mask or taken by a box
+  of a better score)."""
+  markers = np.zeros(mask.shape, np.int32)
+  cell_of_box = np.zeros(len(scores), np.int32)
+  for k in np.argsort(-scores, kind='stable'):
+    row, col = box_centre_pixel(boxes[k], mask.shape)
+    if mask[row, col] and markers[row, col] == 0:
+      cell_of_box[k] = markers[row, col] = k + 1
+  if not cell_of_box.any():
+    return np.zeros(mask.shape, np.int32), cell_of_box
+  height = -ndimage.distance_transform_edt(mask)
+  return segmentation.watershed(height, markers, mask=mask).astype(np.int32), cell_of_box
+
+
+def box_centre_pixel(box: np.ndarray, shape: tuple) -> tuple[int, int]:
+  """(row, column) of the pixel nearest the box centre, clipped to the image."""
+  col = int(np.clip(np.rint((box[0] + box[2]) / 2), 0, shape[1] - 1))
+  row = int(np.clip(np.rint((box[1] + box[3]) / 2), 0, shape[0] - 1))
+  return row, col
 
 
 def grow_into(instances: np.ndarray, free: np.ndarray, *, distance: float) -> None:
@@ -196,8 +232,7 @@ def instances_from_watershed(prob_or_mask: np.ndarray, boxes: np.ndarray, scores
   markers = np.zeros(mask.shape, np.int32)
   kept_scores = []
   for k in np.argsort(-scores, kind='stable'):
-    col = int(np.clip(np.rint((boxes[k, 0] + boxes[k, 2]) / 2), 0, mask.shape[1] - 1))
-    row = int(np.clip(np.rint((boxes[k, 1] + boxes[k, 3]) / 2), 0, mask.shape[0] - 1))
+    row, col = box_centre_pixel(boxes[k], mask.shape)
     if mask[row, col] and markers[row, col] == 0:
       kept_scores.append(scores[k])
       markers[row, col] = len(kept_scores)
@@ -217,10 +252,11 @@ def instances_from_watershed(prob_or_mask: np.ndarray, boxes: np.ndarray, scores
 
 def assemble_instances(probability: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *,
                        method: str, grow: float = 0.0, unclaimed: int = 0):
-  """Dispatches on config.eval.instance_method: 'boxes' (with config.eval.grow_px and
+  """Dispatches on config.eval.instance_method: 'boxes' or 'cells' (with config.eval.grow_px and
   config.eval.unclaimed_min_px) | 'watershed'."""
-  if method == 'boxes':
-    return instances_from_boxes(probability, boxes, scores, grow=grow, unclaimed=unclaimed)
+  if method in ('boxes', 'cells'):
+    return instances_from_boxes(probability, boxes, scores, grow=grow, unclaimed=unclaimed,
+                                cells=method == 'cells')
   if method == 'watershed':
     return instances_from_watershed(probability, boxes, scores)
-  raise ValueError(f'unknown eval.instance_method {method!r}: boxes | watershed')
+  raise ValueError(f'unknown eval.instance_method {method!r}: boxes | cells | watershed')
