@@ -79,6 +79,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   loss.tau = 1.0  # contrastive temperature (Eq. 7)
   loss.fixed_cam_block = 0  # 0 = dynamic selection (DCS); 1..4 = always use that block (Table 3)
   loss.cam_warmup_epochs = 0  # epochs before L_dcs / L_ccl switch on ([code] used a warm-up; paper 0)
+  loss.cam_warmup_fraction = 0.0  # or this share of the training steps, if longer (0 = off)
   loss.contrastive_keys = 'features'  # features (paper) | minus_anchor ([code]: u - q)
   loss.focal_alpha = 0.25  # FCOS focal loss alpha
   loss.focal_gamma = 2.0  # FCOS focal loss gamma

@@ -9,6 +9,7 @@ it resumes: from the newest intact checkpoint, and only if the config still fits
 """
 
 import functools
+import math
 import pathlib
 import signal
 import time
@@ -134,30 +135,43 @@ def create_train_state(config: ml_collections.ConfigDict, *, total_steps: int):
 
 
 def without_cam_losses(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with L_dcs and L_ccl off: the step used during `loss.cam_warmup_epochs`."""
+  """A copy of `config` with L_dcs and L_ccl off: the step used during the CAM warm-up."""
   warm = config.copy_and_resolve_references()
   warm.loss.use_dcs = warm.loss.use_ccl = False
   return warm
 
 
-def in_cam_warmup(step: int, *, steps_per_epoch: int, config: ml_collections.ConfigDict) -> bool:
-  """Whether L_dcs and L_ccl still have weight 0 at `step`: total_loss's gate, in its float32."""
+def cam_warmup_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                     total_steps: int | None = None) -> int:
+  """Steps during which L_dcs and L_ccl have weight 0: the longer of `loss.cam_warmup_epochs`
+  epochs and `loss.cam_warmup_fraction` of the `total_steps` (a share, so that a variant capped
+  at a number of steps warms up for the same part of training on any dataset)."""
   if not (config.loss.use_dcs or config.loss.use_ccl):
-    return False
-  epoch = np.float32(step) / np.float32(steps_per_epoch)
-  return bool(epoch < np.float32(config.loss.cam_warmup_epochs))
+    return 0
+  by_epochs = math.ceil(config.loss.cam_warmup_epochs * steps_per_epoch)
+  by_share = math.ceil(config.loss.cam_warmup_fraction * (total_steps or 0))
+  return max(by_epochs, by_share)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch):
+def in_cam_warmup(step: int, *, steps_per_epoch: int, config: ml_collections.ConfigDict,
+                  total_steps: int | None = None) -> bool:
+  """Whether L_dcs and L_ccl still have weight 0 at `step` (train_step's gate)."""
+  return step < cam_warmup_steps(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch,
+               total_steps=None):
   """One SGD step on a (sharded) batch. Pure: returns the new state and a flat dict of scalars."""
   epoch = state.step.astype(jnp.float32) / steps_per_epoch
+  warmup = cam_warmup_steps(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  cam_gate = (state.step >= warmup).astype(jnp.float32)  # traced: no retrace when it flips
   with_cams = bool(config.loss.use_dcs or config.loss.use_ccl)
 
   def loss_fn(params):
     outputs, batch_stats = models.forward(graphdef, params, state.batch_stats, batch['image'],
                                           train=True, with_cams=with_cams,
                                           cam_statistics=config.loss.cam_statistics)
-    loss, aux = losses.total_loss(outputs, batch, config=config, epoch=epoch)
+    loss, aux = losses.total_loss(outputs, batch, config=config, epoch=epoch, cam_gate=cam_gate)
     return loss, (aux, batch_stats)
 
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,10 +188,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config
   return new_state, metrics
 
 
-def compile_train_step(mesh, *, graphdef, tx, schedule, config, steps_per_epoch):
+def compile_train_step(mesh, *, graphdef, tx, schedule, config, steps_per_epoch, total_steps=None):
   """The jitted step: batch sharded over 'data', state replicated and donated."""
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
-                           steps_per_epoch=steps_per_epoch)
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
                  donate_argnums=0)
@@ -228,11 +242,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     atomic_io.write_text(trained_run.config_path(workdir), trained_run.config_json(config))
     run_log.truncate_after(workdir, start)
   step_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
-                               steps_per_epoch=steps_per_epoch)
+                               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   # While L_dcs and L_ccl have weight 0 their CAM pass changes no gradient: a second program
   # without it makes those steps as cheap as the base's (the same update; no dcs/ metrics).
+  warmup_steps = cam_warmup_steps(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   warm_fn = None
-  if in_cam_warmup(start, steps_per_epoch=steps_per_epoch, config=config):
+  if start < warmup_steps:
     warm_fn = compile_train_step(mesh, graphdef=graphdef, tx=tx, schedule=schedule,
                                  config=without_cam_losses(config), steps_per_epoch=steps_per_epoch)
   writer = run_log.MetricsWriter(workdir, enabled=is_main)
@@ -248,9 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     for step in range(start, total_steps):
       batch = parallel.shard_batch(next(host_batches), mesh)
-      warm = warm_fn is not None and in_cam_warmup(step, steps_per_epoch=steps_per_epoch,
-                                                   config=config)
-      state, metrics = (warm_fn if warm else step_fn)(state, batch)
+      state, metrics = (warm_fn if step < warmup_steps else step_fn)(state, batch)
       if pending is not None:
         _check_finite(*pending)
       pending = (step + 1, metrics)

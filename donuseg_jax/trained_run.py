@@ -48,6 +48,7 @@ ADDED_FIELDS = {
     'eval.flip_tta': False,
     'eval.unclaimed_min_px': 0,
     'loss.pseudo_background': 'cam',
+    'loss.cam_warmup_fraction': 0.0,
     'train.ema_decay': 0.0,
 }
 

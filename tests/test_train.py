@@ -270,6 +270,13 @@ def test_cam_warmup_step_skips_the_cam_pass_and_makes_the_same_update(smoke_batc
   assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config())
   assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config(
       cam_warmup_epochs=1, use_dcs=False, use_ccl=False))
+  # A share of the training, when longer than the epochs: 0.625 of 480 steps = 300 (20 epochs of 15).
+  share = _smoke_loss_config(cam_warmup_fraction=0.625)
+  assert train.cam_warmup_steps(share, steps_per_epoch=15, total_steps=480) == 300
+  assert train.cam_warmup_steps(share, steps_per_epoch=15, total_steps=None) == 0
+  both = _smoke_loss_config(cam_warmup_fraction=0.1, cam_warmup_epochs=2)
+  assert train.cam_warmup_steps(both, steps_per_epoch=15, total_steps=480) == 48
+  assert train.cam_warmup_steps(both, steps_per_epoch=30, total_steps=480) == 60
   full_state, full_metrics = _one_step(config, batch, jax.devices()[:1])
   warm_state, warm_metrics = _one_step(train.without_cam_losses(config), batch,
                                        jax.devices()[:1])
@@ -285,8 +292,9 @@ def test_cam_warmup_step_skips_the_cam_pass_and_makes_the_same_update(smoke_batc
                                                  _leaves(late_state.params), strict=True)) > 1e-6
 
 
-def test_training_with_a_cam_warmup_logs_cam_metrics_only_after_it(tmp_path):
-  config = _smoke_loss_config(cam_warmup_epochs=1)
+@pytest.mark.parametrize('warmup', [dict(cam_warmup_epochs=1), dict(cam_warmup_fraction=0.5)])
+def test_training_with_a_cam_warmup_logs_cam_metrics_only_after_it(tmp_path, warmup):
+  config = _smoke_loss_config(**warmup)  # 2 epochs: either way the first one is the warm-up
   config.unlock()
   config.train.max_steps = 0
   config.train.epochs = 2
@@ -296,5 +304,11 @@ def test_training_with_a_cam_warmup_logs_cam_metrics_only_after_it(tmp_path):
   steps = [line for line in lines if 'loss/seg' in line]
   spe = max(line['step'] for line in steps) // 2
   assert spe >= 1
+  cam = config.loss
   for line in steps:  # the line of step s holds the metrics of step s - 1
-    assert ('dcs/alpha_p' in line) == (line['step'] - 1 >= spe), line['step']
+    after = line['step'] - 1 >= spe
+    assert ('dcs/alpha_p' in line) == after, line['step']
+    base = line['loss/det'] + line['loss/seg'] + line['loss/loc']
+    gated = cam.w_dcs * line['loss/dcs'] + cam.w_ccl * line['loss/ccl']
+    assert line['loss'] == pytest.approx(base + gated if after else base, rel=1e-5)
+    assert gated > 0 or not after  # the CAM terms are on, and weigh, after the warm-up

@@ -2,7 +2,8 @@
 
 L = L_det + L_seg + L_loc + w1 * L_dcs + w2 * L_ccl, every term switchable (`config.loss.use_*`, the
 paper's Table 2), the CAM block fixable (`config.loss.fixed_cam_block`, Table 3), and L_dcs / L_ccl
-held at weight 0 for `config.loss.cam_warmup_epochs` (a traced comparison: no retrace per epoch).
+held at weight 0 for `config.loss.cam_warmup_epochs` (a traced comparison: no retrace per epoch), or
+by a gate the caller computes (training also honours `config.loss.cam_warmup_fraction`).
 """
 
 import jax
@@ -62,7 +63,7 @@ def pseudo_label_diagnostics(*, label_m: jax.Array, pseudo: jax.Array | None, al
 
 
 def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
-               epoch=0.) -> tuple[jax.Array, dict]:
+               epoch=0., cam_gate=None) -> tuple[jax.Array, dict]:
   """Eq. 2 on one batch.
 
   Args:
@@ -73,6 +74,8 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
     batch: the training batch (`donuseg_jax.data.batch`).
     config: the full config (uses config.loss).
     epoch: current (fractional) epoch, may be traced; compared with cam_warmup_epochs.
+    cam_gate: if given, the weight (0 or 1, may be traced) of L_dcs and L_ccl instead of that
+      comparison (train.train_step's, which also counts loss.cam_warmup_fraction).
 
   Returns:
     (loss, aux): scalar loss and a flat dict of scalars ('loss', 'loss/<term>', 'dcs/...',
@@ -134,7 +137,8 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
                                       instances=batch['instances'], seg_logits=seg_logits))
 
   # Weight 0 during the warm-up; a traced comparison so that changing epochs never retraces.
-  cam_gate = (jnp.asarray(epoch, jnp.float32) >= cfg.cam_warmup_epochs).astype(jnp.float32)
+  if cam_gate is None:
+    cam_gate = (jnp.asarray(epoch, jnp.float32) >= cfg.cam_warmup_epochs).astype(jnp.float32)
   aux['loss'] = (aux['loss/det'] + aux['loss/seg'] + aux['loss/loc']
                  + cam_gate * (cfg.w_dcs * aux['loss/dcs'] + cfg.w_ccl * aux['loss/ccl']))
   return aux['loss'], aux
