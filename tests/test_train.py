@@ -167,8 +167,8 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tm
       config=config).steps_per_epoch
   original = train.losses.total_loss
 
-  def poisoned(outputs, batch, *, config, epoch=0.):
-    loss, aux = original(outputs, batch, config=config, epoch=epoch)
+  def poisoned(outputs, batch, *, config, epoch=0., **gates):
+    loss, aux = original(outputs, batch, config=config, epoch=epoch, **gates)
     # NaN from the third step on (epoch = step / steps_per_epoch is traced data).
     poison = jax.numpy.where(epoch * steps_per_epoch >= 1.5, jax.numpy.nan, 0.0)
     return loss + poison, dict(aux, **{'loss/seg': aux['loss/seg'] + poison})

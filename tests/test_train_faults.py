@@ -80,8 +80,8 @@ def test_non_finite_gradients_behind_a_finite_loss_stop_training(tmp_path, monke
       config=config).steps_per_epoch
   original = train.losses.total_loss
 
-  def poisoned(outputs, batch, *, config, epoch=0.):
-    loss, aux = original(outputs, batch, config=config, epoch=epoch)
+  def poisoned(outputs, batch, *, config, epoch=0., **gates):
+    loss, aux = original(outputs, batch, config=config, epoch=epoch, **gates)
     bad = epoch * steps_per_epoch >= 1.5  # steps 3 onwards (epoch is traced data)
     return _nan_gradient(loss, bad), aux
 
