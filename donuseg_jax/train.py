@@ -153,12 +153,6 @@ def cam_warmup_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
   return max(by_epochs, by_share)
 
 
-def in_cam_warmup(step: int, *, steps_per_epoch: int, config: ml_collections.ConfigDict,
-                  total_steps: int | None = None) -> bool:
-  """Whether L_dcs and L_ccl still have weight 0 at `step` (train_step's gate)."""
-  return step < cam_warmup_steps(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-
-
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch,
                total_steps=None):
   """One SGD step on a (sharded) batch. Pure: returns the new state and a flat dict of scalars."""

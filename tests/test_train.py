@@ -22,11 +22,13 @@ from donuseg_jax.data import pipeline
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _smoke_config(**train_overrides):
+def _smoke_config(loss=None, **train_overrides):
   config = demo.get_config('smoke')
   config.unlock()
   for key, value in train_overrides.items():
     setattr(config.train, key, value)
+  for key, value in (loss or {}).items():
+    setattr(config.loss, key, value)
   config.lock()
   return config
 
@@ -253,28 +255,18 @@ def test_weight_averaged_run_validates_resumes_and_loads_its_average(tmp_path, m
     np.testing.assert_array_equal(a, b)
 
 
-def _smoke_loss_config(**loss_overrides):
-  config = demo.get_config('smoke')
-  config.unlock()
-  for key, value in loss_overrides.items():
-    setattr(config.loss, key, value)
-  config.lock()
-  return config
-
-
 def test_cam_warmup_step_skips_the_cam_pass_and_makes_the_same_update(smoke_batch):
   _, batch = smoke_batch
-  config = _smoke_loss_config(cam_warmup_epochs=1)
-  assert train.in_cam_warmup(4, steps_per_epoch=5, config=config)
-  assert not train.in_cam_warmup(5, steps_per_epoch=5, config=config)
-  assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config())
-  assert not train.in_cam_warmup(0, steps_per_epoch=5, config=_smoke_loss_config(
-      cam_warmup_epochs=1, use_dcs=False, use_ccl=False))
+  config = _smoke_config(loss=dict(cam_warmup_epochs=1))
+  assert train.cam_warmup_steps(config, steps_per_epoch=5) == 5  # steps 0-4
+  assert train.cam_warmup_steps(_smoke_config(), steps_per_epoch=5) == 0
+  no_cams = _smoke_config(loss=dict(cam_warmup_epochs=1, use_dcs=False, use_ccl=False))
+  assert train.cam_warmup_steps(no_cams, steps_per_epoch=5) == 0
   # A share of the training, when longer than the epochs: 0.625 of 480 steps = 300 (20 epochs of 15).
-  share = _smoke_loss_config(cam_warmup_fraction=0.625)
+  share = _smoke_config(loss=dict(cam_warmup_fraction=0.625))
   assert train.cam_warmup_steps(share, steps_per_epoch=15, total_steps=480) == 300
   assert train.cam_warmup_steps(share, steps_per_epoch=15, total_steps=None) == 0
-  both = _smoke_loss_config(cam_warmup_fraction=0.1, cam_warmup_epochs=2)
+  both = _smoke_config(loss=dict(cam_warmup_fraction=0.1, cam_warmup_epochs=2))
   assert train.cam_warmup_steps(both, steps_per_epoch=15, total_steps=480) == 48
   assert train.cam_warmup_steps(both, steps_per_epoch=30, total_steps=480) == 60
   full_state, full_metrics = _one_step(config, batch, jax.devices()[:1])
@@ -287,18 +279,15 @@ def test_cam_warmup_step_skips_the_cam_pass_and_makes_the_same_update(smoke_batc
   for a, b in zip(_leaves(full_state), _leaves(warm_state), strict=True):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6)
   # After the warm-up the CAM losses change the update: the comparison above can fail.
-  late_state, _ = _one_step(_smoke_loss_config(), batch, jax.devices()[:1])
+  late_state, _ = _one_step(_smoke_config(), batch, jax.devices()[:1])
   assert max(np.abs(a - b).max() for a, b in zip(_leaves(full_state.params),
                                                  _leaves(late_state.params), strict=True)) > 1e-6
 
 
 @pytest.mark.parametrize('warmup', [dict(cam_warmup_epochs=1), dict(cam_warmup_fraction=0.5)])
 def test_training_with_a_cam_warmup_logs_cam_metrics_only_after_it(tmp_path, warmup):
-  config = _smoke_loss_config(**warmup)  # 2 epochs: either way the first one is the warm-up
-  config.unlock()
-  config.train.max_steps = 0
-  config.train.epochs = 2
-  config.lock()
+  # 2 epochs: either way the first one is the warm-up.
+  config = _smoke_config(loss=warmup, max_steps=0, epochs=2)
   train.train_and_evaluate(config, tmp_path)
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   steps = [line for line in lines if 'loss/seg' in line]

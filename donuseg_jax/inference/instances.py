@@ -81,7 +81,7 @@ def instances_from_boxes(prob_or_mask: np.ndarray, boxes: np.ndarray, scores: np
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   scores = np.asarray(scores, np.float32).reshape(-1)
   instances = np.zeros(remaining.shape, np.int32)
-  cell_of_box = np.zeros(len(scores), np.int32)  # 0: no cell
+  partition, cell_of_box = None, np.zeros(len(scores), np.int32)  # cell 0: none
   if cells:
     partition, cell_of_box = watershed_cells(remaining, boxes, scores)
   kept_scores = []
