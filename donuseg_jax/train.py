@@ -156,16 +156,15 @@ def cam_warmup_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, config, steps_per_epoch,
                total_steps=None):
   """One SGD step on a (sharded) batch. Pure: returns the new state and a flat dict of scalars."""
-  epoch = state.step.astype(jnp.float32) / steps_per_epoch
   warmup = cam_warmup_steps(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  cam_gate = (state.step >= warmup).astype(jnp.float32)  # traced: no retrace when it flips
+  cam_weight = (state.step >= warmup).astype(jnp.float32)  # traced: no retrace when it flips
   with_cams = bool(config.loss.use_dcs or config.loss.use_ccl)
 
   def loss_fn(params):
     outputs, batch_stats = models.forward(graphdef, params, state.batch_stats, batch['image'],
                                           train=True, with_cams=with_cams,
                                           cam_statistics=config.loss.cam_statistics)
-    loss, aux = losses.total_loss(outputs, batch, config=config, epoch=epoch, cam_gate=cam_gate)
+    loss, aux = losses.total_loss(outputs, batch, config=config, cam_weight=cam_weight)
     return loss, (aux, batch_stats)
 
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -49,12 +49,12 @@ def make_outputs(rng, config):
 _JITTED = {}  # one compilation per set of loss overrides, shared by the tests
 
 
-def run(outputs, batch, epoch=0., **overrides):
+def run(outputs, batch, cam_weight=1., **overrides):
   key = tuple(sorted(overrides.items()))
   if key not in _JITTED:
     config = make_config(**overrides)
-    _JITTED[key] = jax.jit(lambda o, b, e: losses.total_loss(o, b, config=config, epoch=e))
-  loss, aux = _JITTED[key](outputs, batch, epoch)
+    _JITTED[key] = jax.jit(lambda o, b, w: losses.total_loss(o, b, config=config, cam_weight=w))
+  loss, aux = _JITTED[key](outputs, batch, cam_weight)
   return float(loss), {k: float(v) for k, v in aux.items()}
 
 
@@ -122,21 +122,26 @@ def test_fixed_block_and_missing_cams(inputs):
   assert 'loss/dcs' in aux and 'dcs/alpha_block1' not in aux
 
 
-def test_warmup_gates_cam_terms_without_retracing(inputs, full):
+def test_cam_weight_scales_cam_terms_without_retracing(inputs, full):
+  """The warm-up's weight (train.train_step passes 0, then 1) multiplies w1 L_dcs + w2 L_ccl only;
+  the terms are still computed and logged at weight 0, and flipping it never retraces."""
   outputs, batch = inputs
-  config = make_config(cam_warmup_epochs=2)
+  config = make_config()
   traces = []
 
-  def fn(o, b, e):
+  def fn(o, b, w):
     traces.append(1)
-    return losses.total_loss(o, b, config=config, epoch=e)
+    return losses.total_loss(o, b, config=config, cam_weight=w)
 
   jitted = jax.jit(fn)
-  base = full[1]['loss/det'] + full[1]['loss/seg'] + full[1]['loss/loc']
-  for epoch, expected in ((0., base), (1.9, base), (2., full[0]), (3.5, full[0])):
-    loss, aux = jitted(outputs, batch, jnp.float32(epoch))
-    assert float(loss) == pytest.approx(expected, rel=1e-5), epoch
-    assert float(aux['loss/dcs']) > 0.  # still computed and logged during the warm-up
+  _, aux_full = full
+  base = aux_full['loss/det'] + aux_full['loss/seg'] + aux_full['loss/loc']
+  cam = config.loss.w_dcs * aux_full['loss/dcs'] + config.loss.w_ccl * aux_full['loss/ccl']
+  assert cam > 0
+  for weight in (0., 1., 0.5, 0.):
+    loss, aux = jitted(outputs, batch, jnp.float32(weight))
+    assert float(loss) == pytest.approx(base + weight * cam, rel=1e-5), weight
+    assert float(aux['loss/dcs']) == pytest.approx(aux_full['loss/dcs'], rel=1e-5)
   assert len(traces) == 1
 
 

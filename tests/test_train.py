@@ -162,24 +162,36 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
   assert final[-1] == 6
 
 
+def poison_losses_from_step(monkeypatch, poison):
+  """Makes every train step's loss `poison(loss, aux, step)`, with `step` the step's traced index
+  (state.step, 0-based): train_step is wrapped so that, while it is traced, total_loss sees it."""
+  original_step, original_loss = train.train_step, train.losses.total_loss
+
+  def step_with_poison(state, batch, **kwargs):
+    def poisoned(outputs, batch, **loss_kwargs):
+      return poison(*original_loss(outputs, batch, **loss_kwargs), state.step)
+
+    train.losses.total_loss = poisoned
+    try:
+      return original_step(state, batch, **kwargs)
+    finally:
+      train.losses.total_loss = original_loss
+
+  monkeypatch.setattr(train, 'train_step', step_with_poison)
+
+
 def test_non_finite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path, monkeypatch):
   config = _smoke_config(max_steps=4, checkpoint_every_steps=2, eval_every_epochs=100)
-  steps_per_epoch = pipeline.TrainBatches(
-      pipeline.prepare_images(folds.load_fold_examples(config)['train'], config=config),
-      config=config).steps_per_epoch
-  original = train.losses.total_loss
 
-  def poisoned(outputs, batch, *, config, epoch=0., **gates):
-    loss, aux = original(outputs, batch, config=config, epoch=epoch, **gates)
-    # NaN from the third step on (epoch = step / steps_per_epoch is traced data).
-    poison = jax.numpy.where(epoch * steps_per_epoch >= 1.5, jax.numpy.nan, 0.0)
-    return loss + poison, dict(aux, **{'loss/seg': aux['loss/seg'] + poison})
+  def poison(loss, aux, step):  # NaN from the third step on (index 2)
+    nan = jax.numpy.where(step >= 2, jax.numpy.nan, 0.0)
+    return loss + nan, dict(aux, **{'loss/seg': aux['loss/seg'] + nan})
 
-  monkeypatch.setattr(train.losses, 'total_loss', poisoned)
+  poison_losses_from_step(monkeypatch, poison)
   workdir = tmp_path / 'nan'
   with pytest.raises(train.NonFiniteLossError, match=r'step 3\b.*loss/seg'):
     train.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(train.losses, 'total_loss', original)
+  monkeypatch.undo()
   # The checkpoint of step 2 is intact and finite; nothing was saved after the bad step.
   latest = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'latest').iterdir()
                   if p.name.isdigit())

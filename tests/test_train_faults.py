@@ -18,8 +18,6 @@ import test_train
 from donuseg_jax import run_log
 from donuseg_jax import train
 from donuseg_jax import trained_run
-from donuseg_jax.data import folds
-from donuseg_jax.data import pipeline
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _config = test_train._smoke_config  # one smoke-config factory for both training test files
@@ -75,17 +73,8 @@ def test_non_finite_gradients_behind_a_finite_loss_stop_training(tmp_path, monke
   """The loss stays finite, its gradient is NaN from step 3; with log_every=4 the check of step
   3 is the deferred one (made while step 4 runs), and it names step 3, not 4."""
   config = _config(max_steps=6, log_every=4, checkpoint_every_steps=2, eval_every_epochs=100)
-  steps_per_epoch = pipeline.TrainBatches(
-      pipeline.prepare_images(folds.load_fold_examples(config)['train'], config=config),
-      config=config).steps_per_epoch
-  original = train.losses.total_loss
-
-  def poisoned(outputs, batch, *, config, epoch=0., **gates):
-    loss, aux = original(outputs, batch, config=config, epoch=epoch, **gates)
-    bad = epoch * steps_per_epoch >= 1.5  # steps 3 onwards (epoch is traced data)
-    return _nan_gradient(loss, bad), aux
-
-  monkeypatch.setattr(train.losses, 'total_loss', poisoned)
+  test_train.poison_losses_from_step(
+      monkeypatch, lambda loss, aux, step: (_nan_gradient(loss, step >= 2), aux))  # steps 3 on
   workdir = tmp_path / 'nan_grad'
   with pytest.raises(train.NonFiniteLossError, match=r'non-finite gradients at step 3\b'):
     train.train_and_evaluate(config, workdir)

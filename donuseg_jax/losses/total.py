@@ -63,7 +63,7 @@ def pseudo_label_diagnostics(*, label_m: jax.Array, pseudo: jax.Array | None, al
 
 
 def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
-               epoch=0., cam_gate=None) -> tuple[jax.Array, dict]:
+               cam_weight=1.) -> tuple[jax.Array, dict]:
   """Eq. 2 on one batch.
 
   Args:
@@ -73,9 +73,8 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
       are then absent from aux).
     batch: the training batch (`donuseg_jax.data.batch`).
     config: the full config (uses config.loss).
-    epoch: current (fractional) epoch, may be traced; compared with cam_warmup_epochs.
-    cam_gate: if given, the weight (0 or 1, may be traced) of L_dcs and L_ccl instead of that
-      comparison (train.train_step's, which also counts loss.cam_warmup_fraction).
+    cam_weight: a factor (may be traced) on w1 * L_dcs + w2 * L_ccl: 0 during the CAM warm-up
+      (train.train_step), 1 otherwise. The terms are computed and logged either way.
 
   Returns:
     (loss, aux): scalar loss and a flat dict of scalars ('loss', 'loss/<term>', 'dcs/...',
@@ -136,9 +135,6 @@ def total_loss(outputs: dict, batch: dict, *, config: ml_collections.ConfigDict,
   aux.update(pseudo_label_diagnostics(label_m=label_m, pseudo=pseudo, alpha=alpha, index=index,
                                       instances=batch['instances'], seg_logits=seg_logits))
 
-  # Weight 0 during the warm-up; a traced comparison so that changing epochs never retraces.
-  if cam_gate is None:
-    cam_gate = (jnp.asarray(epoch, jnp.float32) >= cfg.cam_warmup_epochs).astype(jnp.float32)
   aux['loss'] = (aux['loss/det'] + aux['loss/seg'] + aux['loss/loc']
-                 + cam_gate * (cfg.w_dcs * aux['loss/dcs'] + cfg.w_ccl * aux['loss/ccl']))
+                 + cam_weight * (cfg.w_dcs * aux['loss/dcs'] + cfg.w_ccl * aux['loss/ccl']))
   return aux['loss'], aux
