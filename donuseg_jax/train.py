@@ -215,10 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
 
   graphdef, state, tx, schedule = create_train_state(config, total_steps=total_steps)
-  if config.model.get('init_from'):  # fine-tuning; a resumed run's own checkpoint wins below
+  if config.model.init_from:  # fine-tuning; a resumed run's own checkpoint wins below
     params, batch_stats = init_from.load_weights(
         config.model.init_from, params=state.params, batch_stats=state.batch_stats,
-        encoder_only=config.model.get('init_encoder_only', False))
+        encoder_only=config.model.init_encoder_only)
     state = state.replace(params=params, batch_stats=batch_stats)
     if state.ema is not None:  # the average starts from the fine-tuning start
       state = state.replace(ema=jax.tree.map(jnp.copy, {'params': params,

@@ -40,6 +40,19 @@ _ABSENT = '<absent>'
 # rest of the code reads every field directly and an older run still resumes, evaluates and
 # predicts. A new field goes here too.
 ADDED_FIELDS = {
+    # Before issue 9's accuracy fixes (f74fb6b): disk M, the paper's alpha, batch-statistics CAMs,
+    # the best checkpoint by validation AJI.
+    'labels.initial': 'disks',
+    'labels.watershed_cap': 20.0,
+    'labels.watershed_sigma': 1.0,
+    'labels.watershed_band': 3,
+    'loss.alpha': 'paper',
+    'loss.cam_statistics': 'batch',
+    'train.select_metric': 'aji',
+    # Later additions.
+    'data.folder': '',
+    'model.init_from': '',
+    'model.init_encoder_only': False,
     'eval.windows': 'throughput',
     'eval.max_window': 1024,
     'eval.margin': 32,

@@ -93,9 +93,10 @@ def test_a_run_recorded_before_newer_fields_still_resumes_and_evaluates(run_copy
   for key, value in trained_run.ADDED_FIELDS.items():
     section, field = key.split('.')
     assert config[section][field] == value, key
-  # Today's config with the old behaviour fits (the smoke config's own windows would differ).
-  old_windows = {'eval.' + k: trained_run.ADDED_FIELDS['eval.' + k] for k in ('max_window', 'margin')}
-  assert trained_run.check_compatible(run_copy, _config(**old_windows)) == []
+  # Today's config set to the old behaviour fits (today's defaults, e.g. loss.alpha, differ).
+  assert trained_run.check_compatible(run_copy, _config(**trained_run.ADDED_FIELDS)) == []
+  with pytest.raises(trained_run.RunError, match='loss.alpha'):  # it keeps its own behaviour
+    trained_run.check_compatible(run_copy, _config())
   result = evaluate.evaluate_workdir(run_copy, split='val', output=tmp_path / 'eval.json')
   assert result['step'] == 4
   # A field the run recorded is never replaced.
