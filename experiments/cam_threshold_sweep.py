@@ -8,7 +8,7 @@ precision / recall / IoU against the TRUE masks (a diagnostic only; training nev
 the share of nucleus pixels P calls background (the harmful part), the ignored share, and alpha.
 
   python experiments/cam_threshold_sweep.py --workdir=runs/tnbc_cpu_plus_fold0 \
-      --thetas=0.8,0.7,0.6,0.5 --out=experiments/runs/tnbc_cpu_fold0/cam_threshold_sweep.json
+      --thetas=0.8,0.7,0.6,0.5 --out=experiments/runs/tnbc_cpu_plus_both_fold0/cam_threshold_sweep.json
 """
 
 import argparse

@@ -84,6 +84,13 @@ class Row:
   overrides: Mapping[str, object]  # on top of the dataset's config (and --variant)
 
   @property
+  def settings(self) -> dict:
+    """The overrides with the paper's loss terms filled in: each row sets L_dcs and L_ccl itself,
+    whatever the variant does (`plus` turns L_ccl off), so that the tables compare the paper's
+    combinations."""
+    return {**PAPER_LOSSES, **self.overrides}
+
+  @property
   def dirname(self) -> str:
     """The row's dir: named by its overrides, so equal rows of different tables share one run."""
     if not self.overrides:
@@ -101,6 +108,7 @@ class Table:
 
 
 DONUSEG = {}  # the full method: the configs' defaults (L_dcs and L_ccl on, dynamic CAM selection)
+PAPER_LOSSES = {'loss.use_dcs': True, 'loss.use_ccl': True}  # what every row starts from
 TABLES = {
     'table1': Table(
         title='Table 1: DoNuSeg, 5-fold cross-validation',
@@ -214,13 +222,13 @@ def make_jobs(table: Table, *, root: pathlib.Path, datasets: Sequence[str], rows
   for dataset in datasets:
     config_arg = config_arg_for(dataset, variant)
     _, command_overrides = parse_config(config_arg, config_args)
-    row_keys = {key for row in table.rows for key in row.overrides}
+    row_keys = {key for row in table.rows for key in row.settings}
     clash = sorted((row_keys | {'data.fold'}) & command_overrides.keys())
     if clash:
       raise app.UsageError(f'{", ".join(clash)}: set by the table rows or --folds, not by '
                            '--config.* arguments')
     for row in rows:
-      config, overrides = parse_config(config_arg, [*cv.override_args(row.overrides),
+      config, overrides = parse_config(config_arg, [*cv.override_args(row.settings),
                                                     *config_args])
       jobs.append(Job(dataset=dataset, row=row, config_arg=config_arg, config=config,
                       overrides=overrides,

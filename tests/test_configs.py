@@ -17,7 +17,10 @@ def test_every_dataset_has_cpu_and_plus_variants(name):
   assert cpu.labels.initial == 'disks' and cpu.model.encoder == 'resnet18'
   assert cpu.train.max_steps > 0  # bounded by the CPU hour whatever the dataset's size
   assert plus.labels.initial == 'watershed'
-  assert plus.to_dict() == {**cpu.to_dict(), 'labels': {**cpu.labels.to_dict(), 'initial': 'watershed'}}
+  assert plus.to_dict() == {**cpu.to_dict(),
+                            'labels': {**cpu.labels.to_dict(), 'initial': 'watershed'},
+                            'loss': {**cpu.loss.to_dict(), 'use_ccl': False}}
+  assert cpu.loss.use_ccl and plus.loss.use_dcs
   assert module.get_config('plus').model.encoder == 'resnet50'  # plus alone: paper scale
 
 

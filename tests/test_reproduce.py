@@ -181,6 +181,22 @@ def test_paper_cells_render_with_and_without_std():
   assert 'lacks fold(s) 1' in reproduce.format_table(result)
 
 
+def test_rows_set_the_loss_terms_whatever_the_variant(tmp_path, monkeypatch):
+  """`plus` turns L_ccl off; the tables still compare the paper's combinations of L_dcs and L_ccl."""
+  monkeypatch.chdir(REPO_ROOT)
+  for variant in ('smoke', 'smoke,plus'):
+    table = reproduce.TABLES['table2']
+    jobs = reproduce.make_jobs(table, root=tmp_path, datasets=['demo'], rows=table.rows,
+                               variant=variant, config_args=[])
+    assert [(job.config.loss.use_dcs, job.config.loss.use_ccl) for job in jobs] == [
+        (False, False), (True, False), (False, True), (True, True)], variant
+    assert [job.root.name for job in jobs][-1] == 'donuseg'
+    table = reproduce.TABLES['table3']
+    jobs = reproduce.make_jobs(table, root=tmp_path, datasets=['demo'], rows=table.rows,
+                               variant=variant, config_args=[])
+    assert all(job.config.loss.use_ccl for job in jobs), variant
+
+
 def test_failed_and_interrupted_folds_stop_the_rows(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO_ROOT)
   table = reproduce.TABLES['table2']
