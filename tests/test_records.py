@@ -28,7 +28,7 @@ def test_every_record_has_every_field_of_todays_config(name):
   then cannot resume (check_compatible calls it a change) and code reading the field fails."""
   recorded = trained_run.read_config(RUNS / name).to_dict()
   missing = [key for key, old, _ in trained_run.differences(recorded, _current(default.get_config()))
-             if old == '<absent>']
+             if old == trained_run._ABSENT]
   assert not missing, f'{name} lacks {missing}: add them to trained_run.ADDED_FIELDS'
 
 
