@@ -100,6 +100,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3  # latest checkpoints kept (the best by validation AJI is kept too)
   train.ema_decay = 0.0  # moving average of the weights: validated, selected, used (0 = off, paper)
   train.select_metric = 'point_f1'  # best checkpoint by this val metric: point_f1 (points only) | aji | ...
+  # A later checkpoint replaces the best if its score is within this many standard errors (of the
+  # per-image validation scores at the highest score) of the highest score: 0 = strictly the best.
+  train.select_within_sem = 0.0
   train.max_steps = 0  # stop after this many steps (0 = epochs decide); for tests and benchmarks
 
   config.eval = ev = ml_collections.ConfigDict()

@@ -77,7 +77,7 @@ class RunCheckpoints:
               best_mode='max', save_interval_steps=0 if read_only else 1),
           item_names=('state', 'meta'))
     self._in_flight = {which: None for which in WHICH}
-    self._best_score = max((score for _, score in self._best_scores()), default=None)
+    self._best_reference = self._read_best_reference()
 
   # Which steps exist.
   def steps(self, which: str) -> list[int]:
@@ -89,8 +89,9 @@ class RunCheckpoints:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    scores = self._best_scores()
-    return max(scores, key=lambda pair: (pair[1], -pair[0]))[0] if scores else None
+    """The newest saved best step: each one saved supersedes the earlier ones (see `save_best`)."""
+    steps = self.steps('best')
+    return steps[-1] if steps else None
 
   def step_dir(self, which: str, step: int) -> pathlib.Path:
     return self.root / which / str(step)
@@ -99,14 +100,23 @@ class RunCheckpoints:
   def save_latest(self, step: int, state: Any, meta: dict) -> None:
     self._save('latest', step, state, meta, metrics=None)
 
-  def save_best(self, step: int, state: Any, meta: dict, *, score: float) -> None:
-    """Keeps the checkpoint only if its validation score (`config.train.select_metric`) beats
-    every earlier one (the first of equal scores stays)."""
-    score = float(score)
-    if self._best_score is not None and not score > self._best_score:
+  def save_best(self, step: int, state: Any, meta: dict, *, score: float,
+                margin: float = 0.0) -> None:
+    """Keeps the checkpoint if its validation score (`config.train.select_metric`) beats every
+    earlier one (the first of equal scores stays), or, with margin > 0, if it comes within the
+    margin of the highest score so far: of checkpoints that validation cannot tell apart, the later
+    one is kept. The margin is the one that came with the highest score (its standard error), so
+    a slow decline cannot walk the choice down: every kept checkpoint is within one margin of
+    the best seen."""
+    score, margin = float(score), max(0.0, float(margin))
+    reference = self._best_reference
+    if reference is not None and not (score > reference[0] or score >= reference[0] - reference[1]):
       return
-    self._save('best', step, state, meta, metrics={'val_score': score})
-    self._best_score = score
+    if reference is None or score > reference[0]:
+      reference = (score, margin)
+    self._save('best', step, state, meta, metrics={
+        'val_score': score, 'reference_score': reference[0], 'reference_margin': reference[1]})
+    self._best_reference = reference
 
   def _save(self, which: str, step: int, state: Any, meta: dict, *, metrics) -> None:
     if self.read_only:
@@ -149,18 +159,18 @@ class RunCheckpoints:
     for step in doomed:
       self._managers[which].delete(step)
 
-  def _best_scores(self) -> list[tuple[int, float]]:
+  def _read_best_reference(self) -> tuple[float, float] | None:
+    """(highest score so far, its margin), from the newest readable best step (a resumed run).
+    Steps saved before margins existed hold only their score: margin 0."""
     manager = self._managers.get('best')
-    if manager is None:
-      return []
-    scores = []
-    for step in manager.all_steps():
+    for step in reversed(self.steps('best')):
       try:
         metrics = manager.metrics(step)
-        scores.append((step, float(metrics['val_score'])))
+        return (float(metrics.get('reference_score', metrics['val_score'])),
+                float(metrics.get('reference_margin', 0.0)))
       except Exception:  # unreadable metrics: a damaged step; restore reports it
-        scores.append((step, float('-inf')))
-    return scores
+        continue
+    return None
 
   # Restoring.
   def restore(self, abstract_state: Any, *, which: str = 'latest', step: int | None = None):
@@ -184,9 +194,8 @@ class RunCheckpoints:
       raise ValueError(f'which must be one of {WHICH}, got {which!r}')
     if step is not None:
       candidates = [(which, step)]
-    elif which == 'best':
-      ranked = sorted(self._best_scores(), key=lambda pair: (-pair[1], pair[0]))
-      candidates = [('best', s) for s, _ in ranked]
+    elif which == 'best':  # newest first: each saved best supersedes the earlier ones
+      candidates = [('best', s) for s in reversed(self.steps('best'))]
     else:
       candidates = [('latest', s) for s in reversed(self.steps('latest'))]
     if fallback_to_latest and which == 'best' and step is None:
@@ -246,7 +255,7 @@ class RunCheckpoints:
       multihost_utils.sync_global_devices('donuseg_set_aside')
     for manager in self._managers.values():
       manager.reload()
-    self._best_score = max((score for _, score in self._best_scores()), default=None)
+    self._best_reference = self._read_best_reference()
 
 
 def write_manifest(step_dir: pathlib.Path) -> None:

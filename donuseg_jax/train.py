@@ -190,6 +190,24 @@ def compile_train_step(mesh, *, graphdef, tx, schedule, config, steps_per_epoch,
                  donate_argnums=0)
 
 
+def selection_sem(val: dict, config: ml_collections.ConfigDict) -> float:
+  """Standard error of the mean of the per-image validation scores (`train.select_metric`): how
+  far apart two checkpoints' scores must be before validation can tell them apart. 0 with fewer
+  than two scored images."""
+  values = [entry[config.train.select_metric] for entry in val['per_image']
+            if np.isfinite(entry.get(config.train.select_metric, np.nan))]
+  if len(values) < 2:
+    return 0.0
+  return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def selection_score(val: dict, config: ml_collections.ConfigDict) -> tuple[float, float]:
+  """(score, margin) for `RunCheckpoints.save_best`: the validation mean of `train.select_metric`
+  and `train.select_within_sem` standard errors of it (0: strictly the best checkpoint)."""
+  score = float(val['mean'][config.train.select_metric])
+  return score, float(config.train.select_within_sem) * selection_sem(val, config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        allow_config_change: bool = False) -> dict:
   """Trains on the train fold, selects on the val fold, reports the test fold. Resumes from workdir.
@@ -276,7 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if evaluate_now:
         _check_finite(*pending)
         val = validator(*evaluation_weights(state))
-        writer.write(done, {f'val/{k}': v for k, v in val['mean'].items()})
+        score, margin = selection_score(val, config)
+        writer.write(done, {**{f'val/{k}': v for k, v in val['mean'].items()},
+                            f'val_sem/{config.train.select_metric}': selection_sem(val, config)})
         if is_main:
           params, batch_stats = evaluate.local_copy((state.params, state.batch_stats))
           diagnostics.write_pseudo_label_figure(
@@ -284,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
               figure_panels(params, batch_stats, fold['val'][0]))
         ckpts.save_latest(done, checkpoint_tree(state), dict(meta, val=val['mean']))
         ckpts.save_best(done, checkpoint_tree(state), dict(meta, val=val['mean']),
-                        score=val['mean'][config.train.select_metric])
+                        score=score, margin=margin)
       elif done % config.train.checkpoint_every_steps == 0 or stop.requested:
         _check_finite(*pending)
         ckpts.save_latest(done, checkpoint_tree(state), meta)

@@ -63,6 +63,7 @@ ADDED_FIELDS = {
     'loss.pseudo_background': 'cam',
     'loss.cam_warmup_fraction': 0.0,
     'train.ema_decay': 0.0,
+    'train.select_within_sem': 0.0,
 }
 
 

@@ -49,6 +49,30 @@ def test_best_follows_validation_aji_not_recency(tmp_path):
   again.close()
 
 
+def test_a_margin_keeps_the_later_of_checkpoints_within_it_of_the_best(tmp_path):
+  """With a margin (the standard error that came with the highest score), a later checkpoint
+  within it of the highest score replaces the best; one below it does not; and the margin stays
+  the highest score's, so a slow decline cannot walk the choice down, also after a resume."""
+  ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2)
+  for step, score, margin in ((10, 0.50, 0.03), (20, 0.48, 0.10), (30, 0.46, 0.10),
+                              (40, 0.475, 0.0)):
+    ckpts.save_best(step, _state(step), {'step': step}, score=score, margin=margin)
+    ckpts.wait()
+    assert ckpts.best_step() == {10: 10, 20: 20, 30: 20, 40: 40}[step]
+  state, _ = ckpts.restore(_abstract(_state(0)), which='best')
+  np.testing.assert_array_equal(state['w'], np.full((3, 2), 40.0))
+  ckpts.close()
+  again = checkpoints.RunCheckpoints(tmp_path, keep=2)  # resumed: the reference is 0.50 +- 0.03
+  again.save_best(50, _state(50), {'step': 50}, score=0.465, margin=0.5)
+  again.wait()
+  assert again.best_step() == 40
+  again.save_best(60, _state(60), {'step': 60}, score=0.51, margin=0.0)  # a new highest score
+  again.save_best(70, _state(70), {'step': 70}, score=0.505, margin=0.0)  # its margin is 0
+  again.wait()
+  assert again.best_step() == 60
+  again.close()
+
+
 def test_restore_without_checkpoint_names_the_folder(tmp_path):
   ckpts = checkpoints.RunCheckpoints(tmp_path)
   with pytest.raises(checkpoints.CheckpointError) as error:

@@ -115,6 +115,23 @@ def test_best_checkpoint_of_a_learning_run(learned_run):
   assert best['val/aji'] > 0.1
   for name in ('aji', 'dice', 'pq', 'point_f1'):
     assert result['mean'][name] == pytest.approx(best[f'val/{name}'], abs=1e-6), name
+  values = [entry['point_f1'] for entry in result['per_image']]  # the logged standard error
+  assert best['val_sem/point_f1'] == pytest.approx(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def test_selection_margin_is_standard_errors_of_the_per_image_scores():
+  config = _smoke_config(max_steps=1)
+  val = {'mean': {'point_f1': 0.75},
+         'per_image': [{'point_f1': v} for v in (0.6, 0.8, 0.7, 0.9)] + [{'point_f1': np.nan}]}
+  # sample standard deviation of 0.6, 0.8, 0.7, 0.9 is sqrt(0.05 / 3); four images: / 2
+  sem = np.sqrt(0.05 / 3) / 2
+  assert train.selection_sem(val, config) == pytest.approx(sem)
+  assert train.selection_score(val, config) == (0.75, 0.0)  # the default: strictly the best
+  with config.unlocked():
+    config.train.select_within_sem = 1.5
+  score, margin = train.selection_score(val, config)
+  assert (score, margin) == (0.75, pytest.approx(1.5 * sem))
+  assert train.selection_sem({'mean': {}, 'per_image': [{'point_f1': 0.5}]}, config) == 0.0
 
 
 _KILL_DURING_SAVE = textwrap.dedent('''
