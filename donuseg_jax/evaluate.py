@@ -171,10 +171,11 @@ def format_table(result: dict) -> str:
 
 
 def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which: str = 'best',
-                     config: ml_collections.ConfigDict | None = None,
+                     step: int | None = None, config: ml_collections.ConfigDict | None = None,
                      output: str | pathlib.Path | None = None) -> dict:
-  """Loads a run, evaluates one split, writes DIR/eval_<split>_<protocol>.json (or `output`);
-  returns the dict. The output folder is checked before the (long) evaluation starts."""
+  """Loads a run (its newest `which` checkpoint, or that saved `step`), evaluates one split,
+  writes DIR/eval_<split>_<protocol>.json (or `output`); returns the dict. The output folder is
+  checked before the (long) evaluation starts."""
   from donuseg_jax.data import folds  # noqa: PLC0415
 
   workdir = pathlib.Path(workdir)
@@ -182,7 +183,7 @@ def evaluate_workdir(workdir, *, split: str, protocol: str | None = None, which:
   protocol = protocol or (config or trained_run.read_config(workdir)).eval.protocol
   path = pathlib.Path(output) if output else workdir / f'eval_{split}_{protocol}.json'
   check_output_path(path, hint='' if output else '; pass --output=FILE.json')
-  run = trained_run.load(workdir, which=which)
+  run = trained_run.load(workdir, which=which, step=step)
   run_config, graphdef, params, batch_stats = run.config, run.graphdef, run.params, run.batch_stats
   config = run_config if config is None else config
   for key in ('name', 'fold', 'split_scheme'):
@@ -231,6 +232,8 @@ def define_flags() -> dict:
       'protocol': flags.DEFINE_enum('protocol', None, ['image', 'patch'],
                                     'Evaluation protocol (default: config.eval.protocol).'),
       'which': flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint to load.'),
+      'step': flags.DEFINE_integer('step', None, 'A saved step of --which to load (default: '
+                                   'the newest; the best is the newest best).'),
       'output': flags.DEFINE_string('output', None,
                                     'Result JSON (default: WORKDIR/eval_<split>_<protocol>.json).'),
   }
@@ -243,6 +246,7 @@ def main(argv, *, holders: dict) -> None:
     raise app.UsageError('--workdir is required')
   result = evaluate_workdir(holders['workdir'].value, split=holders['split'].value,
                             protocol=holders['protocol'].value, which=holders['which'].value,
+                            step=holders['step'].value,
                             config=holders['config'].value, output=holders['output'].value)
   print(f"{result['dataset']} fold {result['fold']}, split {result['split']}, {result['checkpoint']} "
         f"checkpoint (step {result['step']}), protocol "

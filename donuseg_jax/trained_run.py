@@ -163,12 +163,14 @@ def check_compatible(workdir, config: ml_collections.ConfigDict, *,
   return diffs
 
 
-def load(workdir, *, which: str = 'best') -> TrainedRun:
+def load(workdir, *, which: str = 'best', step: int | None = None) -> TrainedRun:
   """The run's recorded config and the weights of its best (or latest) intact checkpoint: the
   moving average of the weights where the run kept one (`train.ema_decay`), else the weights.
 
   'best' falls back to the latest steps when the run has no (intact) best checkpoint yet. Damaged
-  steps are skipped with a warning naming their folder. Writes nothing in `workdir`.
+  steps are skipped with a warning naming their folder. `step` asks for that saved step of
+  `which` and nothing else (RunError naming the saved steps if it is not there). Writes nothing
+  in `workdir`.
   """
   config = read_config(workdir)
   config.model.pretrained = ''  # the checkpoint holds every weight; no need for the ImageNet file
@@ -186,8 +188,11 @@ def load(workdir, *, which: str = 'best') -> TrainedRun:
     if not ckpts.steps('latest') and not ckpts.steps('best'):
       raise RunError(f'{workdir} holds no checkpoint yet (checkpoints/latest and '
                      'checkpoints/best are empty or missing)')
-    restored = ckpts.restore_intact(abstract, which=which, partial=True,
-                                    fallback_to_latest=which == 'best')
+    if step is not None and step not in ckpts.steps(which):
+      raise RunError(f'{workdir} has no {which} checkpoint at step {step}; saved {which} steps: '
+                     f'{ckpts.steps(which) or "none"}')
+    restored = ckpts.restore_intact(abstract, which=which, step=step, partial=True,
+                                    fallback_to_latest=which == 'best' and step is None)
   finally:
     ckpts.close()
   if restored.which != which:

@@ -10,6 +10,7 @@ from scipy import ndimage
 from configs import default
 from donuseg_jax import evaluate
 from donuseg_jax import metrics
+from donuseg_jax import run_log
 from donuseg_jax import trained_run
 from donuseg_jax.data import patches
 from donuseg_jax.inference import predictor
@@ -116,3 +117,21 @@ def test_point_f1_counts_a_one_to_one_matching():
   edge = np.zeros((4, 8), np.int32)
   edge[1, 6] = 1
   assert evaluate.point_f1(np.array([[5.5, 1.]]), edge) == 1.
+
+
+def test_evaluate_a_chosen_saved_step(learned_run, tmp_path):
+  """--step loads that saved step, not the newest: its validation scores equal the ones logged at
+  that step; a step that was not kept is refused, naming the saved steps."""
+  workdir, _, summary = learned_run
+  logged = {r['step']: r for r in run_log.read_metrics(workdir) if 'val/aji' in r}
+  early = min(logged)
+  assert early != summary['latest_step']
+  result = evaluate.evaluate_workdir(workdir, split='val', which='latest', step=early,
+                                     output=tmp_path / 'early.json')
+  assert (result['checkpoint'], result['step']) == ('latest', early)
+  for name in ('aji', 'point_f1'):
+    assert result['mean'][name] == pytest.approx(logged[early][f'val/{name}'], abs=1e-6), name
+  with pytest.raises(trained_run.RunError, match=r'no latest checkpoint at step 7; saved latest '
+                     r'steps: \[18, 36, 40\]'):
+    evaluate.evaluate_workdir(workdir, split='val', which='latest', step=7,
+                              output=tmp_path / 'missing.json')
