@@ -110,7 +110,8 @@ class RunCheckpoints:
     the best seen."""
     score, margin = float(score), max(0.0, float(margin))
     reference = self._best_reference
-    if reference is not None and not (score > reference[0] or score >= reference[0] - reference[1]):
+    within = reference is not None and reference[1] > 0 and score >= reference[0] - reference[1]
+    if reference is not None and not (score > reference[0] or within):
       return
     if reference is None or score > reference[0]:
       reference = (score, margin)

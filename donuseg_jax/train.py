@@ -201,11 +201,12 @@ def selection_sem(val: dict, config: ml_collections.ConfigDict) -> float:
   return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
-def selection_score(val: dict, config: ml_collections.ConfigDict) -> tuple[float, float]:
-  """(score, margin) for `RunCheckpoints.save_best`: the validation mean of `train.select_metric`
-  and `train.select_within_sem` standard errors of it (0: strictly the best checkpoint)."""
-  score = float(val['mean'][config.train.select_metric])
-  return score, float(config.train.select_within_sem) * selection_sem(val, config)
+def selection_score(val: dict, config: ml_collections.ConfigDict) -> tuple[float, float, float]:
+  """(score, margin, standard error): score and margin for `RunCheckpoints.save_best`, the
+  validation mean of `train.select_metric` and `train.select_within_sem` standard errors of it
+  (0: strictly the best checkpoint)."""
+  sem = selection_sem(val, config)
+  return float(val['mean'][config.train.select_metric]), config.train.select_within_sem * sem, sem
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -294,9 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if evaluate_now:
         _check_finite(*pending)
         val = validator(*evaluation_weights(state))
-        score, margin = selection_score(val, config)
+        score, margin, sem = selection_score(val, config)
         writer.write(done, {**{f'val/{k}': v for k, v in val['mean'].items()},
-                            f'val_sem/{config.train.select_metric}': selection_sem(val, config)})
+                            f'val_sem/{config.train.select_metric}': sem})
         if is_main:
           params, batch_stats = evaluate.local_copy((state.params, state.batch_stats))
           diagnostics.write_pseudo_label_figure(

@@ -68,6 +68,7 @@ def test_a_margin_keeps_the_later_of_checkpoints_within_it_of_the_best(tmp_path)
   assert again.best_step() == 40
   again.save_best(60, _state(60), {'step': 60}, score=0.51, margin=0.0)  # a new highest score
   again.save_best(70, _state(70), {'step': 70}, score=0.505, margin=0.0)  # its margin is 0
+  again.save_best(80, _state(80), {'step': 80}, score=0.51, margin=0.0)  # equal: the first stays
   again.wait()
   assert again.best_step() == 60
   again.close()

@@ -126,10 +126,10 @@ def test_selection_margin_is_standard_errors_of_the_per_image_scores():
   # sample standard deviation of 0.6, 0.8, 0.7, 0.9 is sqrt(0.05 / 3); four images: / 2
   sem = np.sqrt(0.05 / 3) / 2
   assert train.selection_sem(val, config) == pytest.approx(sem)
-  assert train.selection_score(val, config) == (0.75, 0.0)  # the default: strictly the best
+  assert train.selection_score(val, config)[:2] == (0.75, 0.0)  # the default: strictly the best
   with config.unlocked():
     config.train.select_within_sem = 1.5
-  score, margin = train.selection_score(val, config)
+  score, margin, _ = train.selection_score(val, config)
   assert (score, margin) == (0.75, pytest.approx(1.5 * sem))
   assert train.selection_sem({'mean': {}, 'per_image': [{'point_f1': 0.5}]}, config) == 0.0
 
